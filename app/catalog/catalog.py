@@ -1,0 +1,180 @@
+"""The model catalog: built-in defaults, extended or overridden by an operator's TOML file."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from app.errors import InvalidRequest, ModelNotFound
+from app.money import parse_usd
+
+#: Every request parameter a text-to-image or image-to-image endpoint may take.
+KNOWN_PARAMS = frozenset(
+    {
+        "image_size",
+        "num_images",
+        "num_inference_steps",
+        "guidance_scale",
+        "output_format",
+        "seed",
+        "strength",
+    }
+)
+MAX_STEPS = 100
+DEFAULT_STEPS = 28
+
+
+class CatalogError(ValueError):
+    """The catalog file is malformed; raised at startup, never while serving."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A text-to-image model and, optionally, its image-to-image sibling endpoint."""
+
+    id: str
+    alias: str | None
+    text_to_image: str
+    image_to_image: str | None
+    unit_price: int  # micro-dollars per megapixel of output
+    params: frozenset[str]
+    image_to_image_params: frozenset[str]
+    format_param: str = "output_format"
+    max_steps: int = MAX_STEPS
+    default_steps: int = DEFAULT_STEPS
+
+
+@dataclass(frozen=True)
+class UpscalerEntry:
+    id: str
+    endpoint: str
+    factor_param: str
+    params: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: dict[str, ModelEntry]
+    upscalers: dict[str, UpscalerEntry]
+    transform_unit_price: int  # micro-dollars per megapixel of output
+    upscale_unit_price: int
+
+    def model(self, name: str) -> ModelEntry:
+        """Find a model by id or alias; unknown names are a 404 naming ``model``."""
+        entry = self.models.get(name)
+        if entry is None:
+            entry = next((m for m in self.models.values() if m.alias == name), None)
+        if entry is None:
+            raise ModelNotFound(f"Unknown model '{_clip(name)}'.", param="model")
+        return entry
+
+    def transform_model(self, name: str) -> ModelEntry:
+        entry = self.model(name)
+        if entry.image_to_image is None:
+            raise InvalidRequest(
+                f"Model '{entry.id}' does not support image-to-image.", param="model"
+            )
+        return entry
+
+    def upscaler(self, name: str) -> UpscalerEntry:
+        entry = self.upscalers.get(name)
+        if entry is None:
+            raise ModelNotFound(f"Unknown upscaler '{_clip(name)}'.", param="model")
+        return entry
+
+
+def _clip(name: str) -> str:
+    return name if len(name) <= 100 else name[:100] + "..."
+
+
+def _price(raw: Any, where: str) -> int:
+    try:
+        micro = parse_usd(raw)
+    except ValueError as exc:
+        raise CatalogError(f"{where}: {exc}") from exc
+    if micro < 0:
+        raise CatalogError(f"{where}: price must not be negative")
+    return micro
+
+
+def _params(raw: Any, where: str) -> frozenset[str]:
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise CatalogError(f"{where}: params must be a list of strings")
+    unknown = set(raw) - KNOWN_PARAMS
+    if unknown:
+        raise CatalogError(f"{where}: unknown params {sorted(unknown)}")
+    return frozenset(raw)
+
+
+def _model(raw: dict[str, Any]) -> ModelEntry:
+    where = f"model {raw.get('id')!r}"
+    try:
+        max_steps = int(raw.get("max_steps", MAX_STEPS))
+        if not 1 <= max_steps <= MAX_STEPS:
+            raise CatalogError(f"{where}: max_steps must be 1..{MAX_STEPS}")
+        return ModelEntry(
+            id=str(raw["id"]),
+            alias=raw.get("alias"),
+            text_to_image=str(raw["text_to_image"]),
+            image_to_image=raw.get("image_to_image"),
+            unit_price=_price(raw["usd_per_mp"], where),
+            params=_params(raw.get("params", sorted(KNOWN_PARAMS - {"strength"})), where),
+            image_to_image_params=_params(raw.get("image_to_image_params", []), where),
+            format_param=str(raw.get("format_param", "output_format")),
+            max_steps=max_steps,
+            default_steps=min(int(raw.get("default_steps", DEFAULT_STEPS)), max_steps),
+        )
+    except KeyError as exc:
+        raise CatalogError(f"{where}: missing {exc.args[0]!r}") from exc
+
+
+def _upscaler(raw: dict[str, Any]) -> UpscalerEntry:
+    where = f"upscaler {raw.get('id')!r}"
+    try:
+        return UpscalerEntry(
+            id=str(raw["id"]),
+            endpoint=str(raw["endpoint"]),
+            factor_param=str(raw.get("factor_param", "upscale_factor")),
+            params=_params(raw.get("params", []), where),
+        )
+    except KeyError as exc:
+        raise CatalogError(f"{where}: missing {exc.args[0]!r}") from exc
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "operations": {**base.get("operations", {}), **override.get("operations", {})}
+    }
+    for section in ("models", "upscalers"):
+        entries = {e["id"]: e for e in base.get(section, [])}
+        for entry in override.get(section, []):
+            if "id" not in entry:
+                raise CatalogError(f"an entry in [[{section}]] has no id")
+            entries[entry["id"]] = entry
+        merged[section] = list(entries.values())
+    return merged
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """The built-in catalog, with the operator's file (if any) laid over it by id."""
+    text = resources.files("app.catalog").joinpath("default_catalog.toml").read_text()
+    data = tomllib.loads(text)
+    if path is not None:
+        try:
+            data = _merge(data, tomllib.loads(Path(path).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CatalogError(f"cannot read catalog file {path}: {exc}") from exc
+    ops = data.get("operations", {})
+    models = [_model(m) for m in data.get("models", [])]
+    aliases = [m.alias for m in models if m.alias]
+    if len(aliases) != len(set(aliases)):
+        raise CatalogError("two models share an alias")
+    return Catalog(
+        models={m.id: m for m in models},
+        upscalers={u.id: u for u in (_upscaler(u) for u in data.get("upscalers", []))},
+        transform_unit_price=_price(ops.get("transform_usd_per_mp", "0.045"), "operations"),
+        upscale_unit_price=_price(ops.get("upscale_usd_per_mp", "0.03"), "operations"),
+    )

@@ -1,0 +1,92 @@
+"""FastAPI dependencies: the pooled clients from the lifespan, and authentication."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from app.catalog import Catalog
+from app.errors import Unauthorized, Unavailable
+from app.keys.service import ApiKey, KeyService
+from app.redis import REDIS_ERRORS
+from app.settings import Settings
+
+# Declared for the OpenAPI document (generated clients learn the schemes); parsed by hand
+# below because ``Authorization: Key <key>`` is not a scheme FastAPI knows.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` or `Key <key>`")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+_admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_catalog(request: Request) -> Catalog:
+    catalog: Catalog = request.app.state.catalog
+    return catalog
+
+
+def get_keys(request: Request) -> KeyService:
+    keys: KeyService = request.app.state.keys
+    return keys
+
+
+def presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() in ("bearer", "key") and value.strip():
+            return value.strip()
+        return None
+    api_key = request.headers.get("x-api-key")
+    return api_key.strip() if api_key else None
+
+
+async def current_key(
+    request: Request,
+    _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _k: Annotated[str | None, Depends(_api_key_header)],
+) -> ApiKey:
+    plaintext = presented_key(request)
+    if not plaintext:
+        raise Unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>', "
+            "'Authorization: Key <key>' or 'X-API-Key: <key>'."
+        )
+    keys: KeyService = request.app.state.keys
+    settings: Settings = request.app.state.settings
+    try:
+        key = await keys.authenticate(plaintext, cache_ttl_s=settings.auth_cache_ttl_s)
+    except REDIS_ERRORS as exc:
+        raise Unavailable("The gateway's state store is unavailable; try again shortly.") from exc
+    request.state.key_id = key.id
+    return key
+
+
+async def require_admin(
+    request: Request,
+    _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
+) -> None:
+    expected: str = request.app.state.admin_token
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise Unauthorized("Missing admin token: send 'Authorization: Bearer <admin token>'.")
+    if not hmac.compare_digest(value.strip().encode(), expected.encode()):
+        raise Unauthorized("Invalid admin token.")
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+KeysDep = Annotated[KeyService, Depends(get_keys)]
+AdminDep = Depends(require_admin)
+
+
+def state(request: Request, name: str) -> Any:
+    return getattr(request.app.state, name)

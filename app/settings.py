@@ -1,0 +1,106 @@
+"""Process configuration: every setting is an environment variable prefixed ``FALGATE_``."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+class Settings(BaseSettings):
+    """All of falgate's settings, with the defaults documented in the README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FALGATE_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # --- serving -----------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".falgate")
+    log_level: str = "info"
+    log_prompts: bool = False
+    public_url: str | None = None
+    shutdown_grace_s: int = 25  # uvicorn timeout_graceful_shutdown; in-flight work drains
+
+    # --- state -------------------------------------------------------------
+    redis_url: str | None = None
+    redis_socket_timeout_s: float = 0.5
+    redis_connect_timeout_s: float = 0.5
+
+    # --- secrets -----------------------------------------------------------
+    fal_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FALGATE_FAL_KEY", "FAL_KEY")
+    )
+    admin_token: SecretStr | None = None
+
+    # --- upstream ----------------------------------------------------------
+    upstream_mode: Literal["queue", "sync"] = "queue"
+    fal_run_url: str = "https://fal.run"
+    fal_queue_url: str = "https://queue.fal.run"
+    upstream_connect_timeout_s: float = 5.0
+    upstream_read_timeout_s: float = 60.0
+    upstream_request_timeout_s: float = 300.0
+    upstream_max_retries: int = 3
+    upstream_retry_backoff_s: float = 0.25
+    upstream_poll_interval_s: float = 0.1
+    upstream_max_concurrent: int = 40
+    upstream_queue_timeout_s: float = 30.0
+
+    # --- sandbox -----------------------------------------------------------
+    sandbox_url: str | None = None
+    sandbox_host: str = "127.0.0.1"
+    sandbox_port: int = 0
+    sandbox_latency_ms: int = 300
+
+    # --- request limits ----------------------------------------------------
+    max_output_megapixels: Decimal = Decimal("4.2")
+    max_output_megapixels_upscale: Decimal = Decimal("64")
+    max_input_megapixels: Decimal = Decimal("16")
+    max_input_bytes: int = 20_000_000
+    max_body_bytes: int = 30_000_000
+    image_fetch_allow_hosts: Annotated[list[str], NoDecode] = []
+    image_fetch_timeout_s: float = 10.0
+    catalog_file: Path | None = None
+
+    # --- metering and limits -----------------------------------------------
+    default_rpm: int = 600
+    default_max_concurrent: int = 16
+    idempotency_ttl_s: int = 86_400
+    auth_cache_ttl_s: float = 1.0
+    sweeper_interval_s: float = 5.0
+    process_lease_s: float = 15.0
+
+    @field_validator("image_fetch_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @property
+    def sandbox_mode(self) -> bool:
+        """No fal key configured: the upstream is the built-in fal emulator."""
+        return self.fal_key is None or not self.fal_key.get_secret_value()
+
+    @property
+    def max_output_pixels(self) -> int:
+        return int(self.max_output_megapixels * 1_000_000)
+
+    @property
+    def max_output_pixels_upscale(self) -> int:
+        return int(self.max_output_megapixels_upscale * 1_000_000)
+
+    @property
+    def max_input_pixels(self) -> int:
+        return int(self.max_input_megapixels * 1_000_000)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
