@@ -1,0 +1,272 @@
+"""JSON logs, one object per line on stdout, and the request-context middleware.
+
+:class:`RequestContextMiddleware` (pure ASGI) gives every HTTP request its id, returns it in
+``X-Request-Id``, records the request metrics and writes exactly one access line per request on
+the ``falgate.access`` logger. Route handlers tell it what they learned by setting these
+attributes on ``request.state`` (all optional):
+
+=========================  =======  ===================================================
+``request.state.``         type     meaning
+=========================  =======  ===================================================
+``request_id``             str      set by the middleware; read it with
+                                    ``app.errors.request_id_of(request)``
+``key_id``                 str      the gateway key's id (never the key itself)
+``model``                  str      the catalog id served (also the metrics ``model`` label:
+                                    set it only once the model is known to the catalog)
+``cost_micro``             int      what was charged, in micro-dollars
+``upstream_request_id``    str      fal's request id
+``prompt``                 str      logged only when ``FALGATE_LOG_PROMPTS`` is true
+=========================  =======  ===================================================
+
+Secrets never reach the logs: no header is logged, and every line is scrubbed of gateway keys
+(``fgk_...``), ``Bearer``/``Key`` credentials and the configured admin token, fal key and
+Redis password, as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.money import format_usd
+from app.ops.metrics import Metrics, bind_metrics, metrics_of, unbind_metrics
+from app.settings import Settings
+
+access_log = logging.getLogger("falgate.access")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# A client's own request id is kept when it is a short plain token; anything else is replaced.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_KEY_PREFIX = "fgk_"
+
+# Attributes every LogRecord has; anything else on a record came in through ``extra=``.
+_RECORD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+)
+_SECRET_PATTERNS = (
+    (re.compile(r"fgk_[A-Za-z0-9_\-]+"), "fgk_[redacted]"),
+    (re.compile(r"\b(Bearer|Key)\s+[^\s\",]+", re.IGNORECASE), r"\1 [redacted]"),
+)
+_MIN_SECRET_LEN = 4
+
+# The id of the request being served, so that every line logged while serving it carries it.
+_current_request_id: ContextVar[str | None] = ContextVar("falgate_request_id", default=None)
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def accept_request_id(value: str | None) -> str:
+    """The client's ``X-Request-Id`` if it is a sane short token, else a fresh ``req_<hex>``."""
+    if value and _SANE_REQUEST_ID.fullmatch(value) and not value.startswith(_KEY_PREFIX):
+        return value
+    return new_request_id()
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: ``ts``, ``level``, ``logger``, ``msg``, the
+    record's ``extra`` fields and ``exc`` (the traceback) when there is one."""
+
+    def __init__(self, redact: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Match the secrets as they appear inside a JSON string (quotes, backslashes escaped).
+        self._redact = sorted(
+            {json.dumps(s)[1:-1] for s in redact if len(s) >= _MIN_SECRET_LEN},
+            key=len,
+            reverse=True,
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = _current_request_id.get()
+        if request_id is not None:
+            data["request_id"] = request_id
+        for name, value in vars(record).items():
+            if name not in _RECORD_ATTRS and not name.startswith("_"):
+                data[name] = value
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            data["exc"] = record.exc_text
+        return self.scrub(json.dumps(data, default=str, ensure_ascii=False))
+
+    def scrub(self, line: str) -> str:
+        for secret in self._redact:
+            line = line.replace(secret, "[redacted]")
+        for pattern, replacement in _SECRET_PATTERNS:
+            line = pattern.sub(replacement, line)
+        return line
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """The configured secret values the log formatter blanks out wherever they appear."""
+    found: list[str] = []
+    for secret in (settings.admin_token, settings.fal_key):
+        if secret is not None and secret.get_secret_value():
+            found.append(secret.get_secret_value())
+    if settings.redis_url:
+        password = urlsplit(settings.redis_url.split(",")[0]).password
+        if password:
+            found.append(unquote(password))
+    return found
+
+
+def logging_config(settings: Settings) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for the whole process, uvicorn's loggers included.
+
+    Pass it to uvicorn as ``log_config`` together with ``access_log=False``: the access line is
+    written by :class:`RequestContextMiddleware`, not by uvicorn.
+    """
+    level = settings.log_level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": f"{__name__}.JsonFormatter", "redact": secrets_of(settings)},
+        },
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stdout",
+            },
+        },
+        "root": {"handlers": ["stdout"], "level": level},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True, "level": level},
+            "uvicorn.error": {"handlers": [], "propagate": True, "level": level},
+            "uvicorn.access": {"handlers": [], "propagate": False, "level": "WARNING"},
+            # httpx logs every request at INFO; the access line already says what matters.
+            "httpx": {"handlers": [], "propagate": True, "level": "WARNING"},
+            "httpcore": {"handlers": [], "propagate": True, "level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(settings: Settings) -> None:
+    """Send every log record, as JSON, to stdout."""
+    logging.config.dictConfig(logging_config(settings))
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config``/``uvicorn.run`` (besides the app)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": logging_config(settings),
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+    }
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    if route is None:
+        return "<unmatched>"
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return str(template) if template else "<unmatched>"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class RequestContextMiddleware:
+    """Request id, ``X-Request-Id`` response header, request metrics and the access line.
+
+    Add it last (``app.add_middleware`` puts the last one outermost) so that it sees every
+    response, including those of the other middlewares.
+    """
+
+    def __init__(self, app: ASGIApp, *, settings: Settings, metrics: Metrics | None = None):
+        """``metrics`` defaults to the app's own (``app.state.metrics``)."""
+        self.app = app
+        self.log_prompts = settings.log_prompts
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = accept_request_id(_header(scope, b"x-request-id"))
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500  # unless a response starts
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = MutableHeaders(scope=message)
+                if REQUEST_ID_HEADER not in headers:
+                    headers.append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        if self.metrics is None and "app" in scope:
+            self.metrics = metrics_of(scope["app"])
+        token = bind_metrics(self.metrics) if self.metrics is not None else None
+        rid_token = _current_request_id.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled: the client or the server went away
+                status = 499
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self._finish(scope, state, status, elapsed)
+            _current_request_id.reset(rid_token)
+            if token is not None:
+                unbind_metrics(token)
+
+    def _finish(self, scope: Scope, state: dict[str, Any], status: int, elapsed: float) -> None:
+        route = _route_template(scope)
+        model = state.get("model")
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                route=route,
+                method=scope["method"],
+                status=status,
+                model=model,
+                seconds=elapsed,
+            )
+        cost = state.get("cost_micro")
+        fields: dict[str, Any] = {
+            "request_id": state["request_id"],
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 1),
+            "key_id": state.get("key_id"),
+            "model": model,
+            "cost_usd": format_usd(cost) if isinstance(cost, int) else None,
+            "upstream_request_id": state.get("upstream_request_id"),
+            "client": scope["client"][0] if scope.get("client") else None,
+        }
+        if self.log_prompts and state.get("prompt") is not None:
+            fields["prompt"] = state["prompt"]
+        access_log.info("%s %s %s", scope["method"], scope["path"], status, extra=fields)
