@@ -1,0 +1,207 @@
+"""The ``falgate`` command: ``serve``, ``sandbox``, ``keys ...`` and ``usage ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.errors import FalgateError
+from app.settings import Settings, get_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import StartupError, create_app, resolve_admin_token
+    from app.ops.logging import configure_logging, uvicorn_options
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    settings = get_settings().model_copy(update=overrides)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        resolve_admin_token(settings)
+    except StartupError as exc:
+        print(f"falgate: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
+    )
+    return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from app.sandbox import run_sandbox
+
+    run_sandbox(
+        args.host,
+        args.port,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        latency_ms=args.latency_ms,
+    )
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[Any]:
+    """The gateway's Redis: the configured URL, the running embedded server, or a new one."""
+    from app.redis import EmbeddedRedis, redis_client
+
+    url = settings.redis_url
+    embedded: EmbeddedRedis | None = None
+    if url is None:
+        url_file = settings.data_dir / "redis.url"
+        if url_file.exists():
+            url = url_file.read_text().strip()
+            probe = redis_client(url, settings)
+            try:
+                await probe.ping()
+            except Exception:
+                url = None
+            finally:
+                await probe.aclose()
+        if url is None:
+            embedded = EmbeddedRedis(settings.data_dir)
+            url = embedded.start()
+    client = redis_client(url, settings)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if getattr(args, "name", None) is not None:
+        fields["name"] = args.name
+    if args.budget is not None:
+        fields["budget_usd"] = None if args.budget.lower() == "none" else Decimal(args.budget)
+    if args.period is not None:
+        fields["budget_period"] = args.period
+    if args.rpm is not None:
+        fields["rpm"] = None if args.rpm == 0 else args.rpm
+    if args.max_concurrent is not None:
+        fields["max_concurrent"] = None if args.max_concurrent == 0 else args.max_concurrent
+    if args.models is not None:
+        fields["models"] = None if args.models == "" else args.models.split(",")
+    if args.expires_at is not None:
+        fields["expires_at"] = (
+            None if args.expires_at == "" else datetime.fromisoformat(args.expires_at)
+        )
+    return fields
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    from app.catalog import load_catalog
+    from app.keys.schemas import KeyCreate, KeyUpdate
+    from app.keys.service import KeyService
+
+    settings = get_settings()
+    catalog = load_catalog(settings.catalog_file)
+    async with _redis(settings) as redis:
+        keys = KeyService(redis, known_models=set(catalog.models) | set(catalog.upscalers))
+        if args.keys_command == "create":
+            key, plaintext = await keys.create(KeyCreate(**_key_fields(args)))
+            _print({**key.to_out().model_dump(mode="json"), "key": plaintext})
+        elif args.keys_command == "list":
+            _print([k.to_out().model_dump(mode="json") for k in await keys.list()])
+        elif args.keys_command == "show":
+            _print((await keys.get(args.id)).to_out().model_dump(mode="json"))
+        elif args.keys_command == "update":
+            key = await keys.update(args.id, KeyUpdate(**_key_fields(args)))
+            _print(key.to_out().model_dump(mode="json"))
+        elif args.keys_command == "revoke":
+            _print((await keys.revoke(args.id)).to_out().model_dump(mode="json"))
+    return 0
+
+
+def _add_limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", help="budget in USD ('none' = unlimited)")
+    parser.add_argument("--period", choices=["total", "daily", "monthly"])
+    parser.add_argument("--rpm", type=int, help="requests per minute (0 = gateway default)")
+    parser.add_argument("--max-concurrent", type=int, help="in-flight requests (0 = default)")
+    parser.add_argument("--models", help="comma-separated model ids ('' = all)")
+    parser.add_argument("--expires-at", help="ISO 8601 time ('' = never)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="falgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (settings from FALGATE_* variables)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=_serve)
+
+    sandbox = sub.add_parser("sandbox", help="run the fal emulator alone")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8100)
+    sandbox.add_argument("--ssl-certfile")
+    sandbox.add_argument("--ssl-keyfile")
+    sandbox.add_argument("--latency-ms", type=int, default=None)
+    sandbox.set_defaults(func=_sandbox)
+
+    keys = sub.add_parser("keys", help="manage gateway keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (prints it once)")
+    create.add_argument("--name", required=True)
+    _add_limit_options(create)
+    keys_sub.add_parser("list", help="list keys")
+    show = keys_sub.add_parser("show", help="show one key")
+    show.add_argument("id")
+    update = keys_sub.add_parser("update", help="change a key's limits")
+    update.add_argument("id")
+    update.add_argument("--name")
+    _add_limit_options(update)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key (its ledger stays)")
+    revoke.add_argument("id")
+    keys.set_defaults(func=lambda a: asyncio.run(_keys(a)))
+
+    _add_usage_parser(sub)
+    return parser
+
+
+def _add_usage_parser(sub: Any) -> None:
+    from app.metering.cli import add_usage_parser
+
+    add_usage_parser(sub, _redis)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except FalgateError as exc:
+        print(f"falgate: {exc.message}", file=sys.stderr)
+        return 1
+    except (ValidationError, ValueError) as exc:
+        print(f"falgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Client routes (SPEC section 3): run, generate, transform, upscale, and their prices."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse
+
+from app.catalog import Price
+from app.deps import CatalogDep, CurrentKey, SettingsDep
+from app.errors import request_id_of
+from app.generation import service
+from app.generation.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    PriceResponse,
+    TransformRequest,
+    UpscaleRequest,
+    UpscaleResponse,
+)
+from app.money import display_price, format_usd
+from app.schemas import error_responses
+
+T = TypeVar("T")
+
+router = APIRouter(prefix="/v1", tags=["generation"])
+
+_RUN_ERRORS = error_responses(400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)
+_PRICE_ERRORS = error_responses(400, 401, 403, 404, 413, 503)
+_METERED_HEADERS = {
+    "X-Request-Id": {"description": "The gateway's id for this request.", "schema": {"type": "string"}},
+    "X-Cost-USD": {"description": "What this request cost.", "schema": {"type": "string"}},
+    "X-Budget-Remaining-USD": {
+        "description": "Budget left in the period (absent when unlimited).",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _price_body(job: service.Job) -> PriceResponse:
+    price: Price = job.estimate
+    return PriceResponse(
+        price=display_price(price.amount),
+        amount_usd=format_usd(price.amount),
+        megapixels=float(price.megapixels),
+        model=job.model_id,
+        unit_price_usd_per_mp=format_usd(price.unit_price),
+    )
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``, cancelling it if the client goes away (so fal's job is cancelled too)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        raise asyncio.CancelledError
+    return task.result()
+
+
+async def _execute(request: Request, key: Any, job: service.Job) -> service.Outcome:
+    state = request.app.state
+    request.state.model = job.model_id
+    request.state.prompt = job.prompt
+    outcome = await _until_disconnect(
+        request,
+        service.execute(
+            job, key, request_id_of(request), meter=state.meter, gate=state.gate, fal=state.fal
+        ),
+    )
+    request.state.cost_micro = outcome.charged
+    request.state.upstream_request_id = outcome.upstream_request_id
+    return outcome
+
+
+def _cost(outcome: service.Outcome) -> dict[str, Any]:
+    pixels = sum((img.width or 0) * (img.height or 0) for img in outcome.images)
+    return {"amount_usd": format_usd(outcome.charged), "megapixels": pixels / 1_000_000}
+
+
+def _metered(request: Request, outcome: service.Outcome, body: dict[str, Any]) -> JSONResponse:
+    headers = {"X-Request-Id": request_id_of(request), "X-Cost-USD": format_usd(outcome.charged)}
+    if outcome.remaining is not None:
+        headers["X-Budget-Remaining-USD"] = format_usd(outcome.remaining)
+    headers.update(outcome.headers)
+    return JSONResponse(body, headers=headers)
+
+
+def _image_json(img: Any) -> dict[str, Any]:
+    return {
+        "url": img.url,
+        "width": img.width,
+        "height": img.height,
+        "content_type": img.content_type,
+    }
+
+
+def _generated(request: Request, outcome: service.Outcome) -> JSONResponse:
+    body = {
+        "images": [_image_json(img) for img in outcome.images],
+        "seed": outcome.seed,
+        "prompt": outcome.job.prompt,
+        "cost": _cost(outcome),
+    }
+    return _metered(request, outcome, body)
+
+
+GenerateBody = Annotated[GenerateRequest, Body()]
+
+
+@router.post(
+    "/run/{model_id:path}/price",
+    operation_id="priceRun",
+    response_model=PriceResponse,
+    responses=_PRICE_ERRORS,
+    summary="Price a text-to-image request on a given model",
+)
+async def price_run(
+    model_id: str, body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
+) -> PriceResponse:
+    return _price_body(service.plan_generate(catalog, settings, key, model_id, body))
+
+
+@router.post(
+    "/run/{model_id:path}",
+    operation_id="run",
+    response_model=GenerateResponse,
+    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
+    summary="Text-to-image on a given model",
+)
+async def run(
+    request: Request,
+    model_id: str,
+    body: GenerateBody,
+    key: CurrentKey,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    job = service.plan_generate(catalog, settings, key, model_id, body)
+    return _generated(request, await _execute(request, key, job))
+
+
+@router.post(
+    "/generate/price",
+    operation_id="priceGenerate",
+    response_model=PriceResponse,
+    responses=_PRICE_ERRORS,
+    summary="Price a text-to-image request",
+)
+async def price_generate(
+    body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
+) -> PriceResponse:
+    job = service.plan_generate(catalog, settings, key, body.model or "fal-ai/flux/dev", body)
+    return _price_body(job)
+
+
+@router.post(
+    "/generate",
+    operation_id="generate",
+    response_model=GenerateResponse,
+    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
+    summary="Text-to-image (model in the body)",
+)
+async def generate(
+    request: Request, body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
+) -> JSONResponse:
+    job = service.plan_generate(catalog, settings, key, body.model or "fal-ai/flux/dev", body)
+    return _generated(request, await _execute(request, key, job))
+
+
+@router.post(
+    "/transform/price",
+    operation_id="priceTransform",
+    response_model=PriceResponse,
+    responses=_PRICE_ERRORS,
+    summary="Price an image-to-image request",
+)
+async def price_transform(
+    body: Annotated[TransformRequest, Body()],
+    key: CurrentKey,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+) -> PriceResponse:
+    return _price_body(service.plan_transform(catalog, settings, key, body))
+
+
+@router.post(
+    "/transform",
+    operation_id="transform",
+    response_model=GenerateResponse,
+    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
+    summary="Image-to-image",
+)
+async def transform(
+    request: Request,
+    body: Annotated[TransformRequest, Body()],
+    key: CurrentKey,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    job = service.plan_transform(catalog, settings, key, body)
+    await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
+    return _generated(request, await _execute(request, key, job))
+
+
+@router.post(
+    "/upscale/price",
+    operation_id="priceUpscale",
+    response_model=PriceResponse,
+    responses=_PRICE_ERRORS,
+    summary="Price an upscale (fetches the input to learn its size)",
+)
+async def price_upscale(
+    request: Request,
+    body: Annotated[UpscaleRequest, Body()],
+    key: CurrentKey,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+) -> PriceResponse:
+    job = await service.plan_upscale(catalog, settings, key, body, request.app.state.http)
+    return _price_body(job)
+
+
+@router.post(
+    "/upscale",
+    operation_id="upscale",
+    response_model=UpscaleResponse,
+    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
+    summary="Upscale an image by 2 or 4",
+)
+async def upscale(
+    request: Request,
+    body: Annotated[UpscaleRequest, Body()],
+    key: CurrentKey,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    job = await service.plan_upscale(catalog, settings, key, body, request.app.state.http)
+    outcome = await _execute(request, key, job)
+    image = outcome.images[0] if outcome.images else None
+    if image is None:
+        from app.errors import UpstreamError
+
+        raise UpstreamError("fal returned no image.")
+    return _metered(request, outcome, {"image": _image_json(image), "cost": _cost(outcome)})

@@ -1,0 +1,245 @@
+"""The metered request path: plan (validate, price), admit (hold), forward, settle.
+
+A request becomes a :class:`Job` first: the exact upstream call and the exact estimate. The
+price routes stop there. The run routes admit the job against the key's budget and limits
+(one atomic step that places a hold), forward it to fal under the global concurrency cap, and
+settle the hold to the real cost of what fal returned, or release it on any failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.catalog import Catalog, Price, price_images
+from app.catalog.adapters import image_to_image_call, text_to_image_call, upscale_call
+from app.errors import InvalidRequest, PayloadTooLarge
+from app.generation.schemas import (
+    GenerateRequest,
+    TransformRequest,
+    UpscaleRequest,
+    image_dimensions,
+)
+from app.keys.service import ApiKey
+from app.settings import Settings
+from app.upstream.types import GeneratedImage, UpstreamCall, UpstreamResult
+
+GENERATE, TRANSFORM, UPSCALE = "generate", "transform", "upscale"
+
+
+@dataclass
+class Job:
+    """One priced, ready-to-forward request."""
+
+    operation: str
+    model_id: str  # catalog id (or upscaler id) as it appears in the ledger
+    call: UpstreamCall
+    estimate: Price
+    image_size: tuple[int, int]  # each output image's size
+    output_format: str
+    prompt: str | None = None
+    seed: int | None = None
+
+
+@dataclass
+class Outcome:
+    job: Job
+    images: list[GeneratedImage]
+    seed: int | None
+    charged: int
+    remaining: int | None
+    headers: dict[str, str] = field(default_factory=dict)
+    upstream_request_id: str | None = None
+
+
+def _check_output_pixels(width: int, height: int, settings: Settings) -> None:
+    if width * height > settings.max_output_pixels:
+        raise InvalidRequest(
+            f"image_size {width}x{height} is over {settings.max_output_megapixels} megapixels.",
+            param="image_size",
+        )
+
+
+def _steps(requested: int | None, max_steps: int, default: int, model_id: str) -> int:
+    if requested is None:
+        return default
+    if requested > max_steps:
+        raise InvalidRequest(
+            f"num_inference_steps must be at most {max_steps} for model '{model_id}'.",
+            param="num_inference_steps",
+        )
+    return requested
+
+
+def plan_generate(
+    catalog: Catalog, settings: Settings, key: ApiKey, model_name: str, body: GenerateRequest
+) -> Job:
+    model = catalog.model(model_name)
+    if body.model is not None and catalog.model(body.model).id != model.id:
+        raise InvalidRequest(
+            f"Body field 'model' names '{body.model}' but the route names '{model_name}'.",
+            param="model",
+        )
+    key.check_model(model.id)
+    width, height = image_dimensions(body.image_size)
+    _check_output_pixels(width, height, settings)
+    steps = _steps(body.num_inference_steps, model.max_steps, model.default_steps, model.id)
+    size_arg: str | tuple[int, int] = (
+        body.image_size if isinstance(body.image_size, str) else (width, height)
+    )
+    call = text_to_image_call(
+        model,
+        prompt=body.prompt,
+        image_size=size_arg,
+        num_images=body.num_images,
+        num_inference_steps=steps,
+        guidance_scale=body.guidance_scale,
+        output_format=body.output_format,
+        seed=body.seed,
+    )
+    estimate = price_images([(width, height)] * body.num_images, model.unit_price)
+    return Job(
+        operation=GENERATE,
+        model_id=model.id,
+        call=call,
+        estimate=estimate,
+        image_size=(width, height),
+        output_format=body.output_format,
+        prompt=body.prompt,
+        seed=body.seed,
+    )
+
+
+def plan_transform(catalog: Catalog, settings: Settings, key: ApiKey, body: TransformRequest) -> Job:
+    """Priced from the requested size alone: the input is fitted to it before it is sent."""
+    model = catalog.transform_model(body.model)
+    key.check_model(model.id)
+    width, height = image_dimensions(body.image_size)
+    _check_output_pixels(width, height, settings)
+    steps = _steps(body.num_inference_steps, model.max_steps, model.default_steps, model.id)
+    estimate = price_images([(width, height)] * body.num_images, catalog.transform_unit_price)
+    placeholder = image_to_image_call(
+        model,
+        image_url="",
+        prompt=body.prompt,
+        image_size=(width, height),
+        strength=body.strength,
+        num_images=body.num_images,
+        num_inference_steps=steps,
+        output_format=body.output_format,
+        seed=body.seed,
+    )
+    return Job(
+        operation=TRANSFORM,
+        model_id=model.id,
+        call=placeholder,
+        estimate=estimate,
+        image_size=(width, height),
+        output_format=body.output_format,
+        prompt=body.prompt,
+        seed=body.seed,
+    )
+
+
+async def prepare_transform_input(job: Job, image_url: str, settings: Settings, http: Any) -> None:
+    """Fetch the input safely, fit it to the output size, and send exactly those bytes."""
+    from app.images import fit_to_size, load_input_image, to_data_uri
+
+    image = await load_input_image(image_url, settings, client=http)
+    fitted = fit_to_size(image, *job.image_size)
+    args = dict(job.call.arguments)
+    args["image_url"] = to_data_uri(fitted)
+    job.call = UpstreamCall(endpoint=job.call.endpoint, arguments=args)
+
+
+async def plan_upscale(
+    catalog: Catalog, settings: Settings, key: ApiKey, body: UpscaleRequest, http: Any
+) -> Job:
+    """Upscale output is the input size times the scale, so the input is measured first."""
+    from app.images import load_input_image, to_data_uri
+
+    upscaler = catalog.upscaler(body.model)
+    key.check_model(upscaler.id)
+    image = await load_input_image(body.image_url, settings, client=http)
+    width, height = image.width * body.scale, image.height * body.scale
+    if width * height > settings.max_output_pixels_upscale:
+        raise PayloadTooLarge(
+            f"Upscaled output {width}x{height} is over "
+            f"{settings.max_output_megapixels_upscale} megapixels.",
+            param="image_url",
+        )
+    call = upscale_call(
+        upscaler,
+        image_url=to_data_uri(image),
+        scale=body.scale,
+        output_format=body.output_format,
+    )
+    return Job(
+        operation=UPSCALE,
+        model_id=upscaler.id,
+        call=call,
+        estimate=price_images([(width, height)], catalog.upscale_unit_price),
+        image_size=(width, height),
+        output_format=body.output_format,
+    )
+
+
+def filled_images(job: Job, result: UpstreamResult) -> list[GeneratedImage]:
+    """fal's images with width, height and content type always filled in.
+
+    Upscalers such as topaz omit the size; the output is then the size that was priced.
+    """
+    default_type = f"image/{job.output_format}"
+    return [
+        GeneratedImage(
+            url=img.url,
+            width=img.width or job.image_size[0],
+            height=img.height or job.image_size[1],
+            content_type=img.content_type or default_type,
+        )
+        for img in result.images
+    ]
+
+
+def actual_price(job: Job, images: list[GeneratedImage]) -> Price:
+    sizes = [(img.width or 0, img.height or 0) for img in images]
+    return price_images(sizes, job.estimate.unit_price)
+
+
+async def execute(
+    job: Job, key: ApiKey, request_id: str, *, meter: Any, gate: Any, fal: Any
+) -> Outcome:
+    """Admit, forward and settle one job; the hold is released on every failure path."""
+    admission = await meter.admit(
+        key_id=key.id,
+        request_id=request_id,
+        model=job.model_id,
+        operation=job.operation,
+        estimate=job.estimate,
+        endpoint=job.call.endpoint,
+    )
+    upstream_id: list[str] = []
+
+    async def on_submitted(fal_request_id: str) -> None:
+        upstream_id.append(fal_request_id)
+        await meter.attach_upstream(admission, fal_request_id)
+
+    try:
+        async with gate.slot(key.id, request_id):
+            result: UpstreamResult = await fal.run(job.call, on_submitted=on_submitted)
+    except BaseException:
+        # Released even when the caller went away (cancellation): shield the release.
+        await asyncio.shield(meter.release(admission, "failed"))
+        raise
+    images = filled_images(job, result)
+    settlement = await asyncio.shield(meter.settle(admission, actual_price(job, images)))
+    return Outcome(
+        job=job,
+        images=images,
+        seed=result.seed if result.seed is not None else job.seed,
+        charged=settlement.charged,
+        remaining=settlement.remaining,
+        headers=dict(admission.headers),
+        upstream_request_id=result.request_id or (upstream_id[0] if upstream_id else None),
+    )

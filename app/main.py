@@ -1,0 +1,230 @@
+"""Process wiring: the app factory and the lifespan that owns every pooled client."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from fastapi import FastAPI
+
+from app import __version__
+from app.catalog import load_catalog
+from app.catalog.routes import router as catalog_router
+from app.errors import add_exception_handlers
+from app.generation.routes import router as generation_router
+from app.http import BodyLimitMiddleware
+from app.keys.routes import router as keys_router
+from app.keys.schemas import KeyCreate
+from app.keys.service import KeyService
+from app.redis import EmbeddedRedis, redis_client
+from app.settings import Settings, get_settings
+
+log = logging.getLogger("falgate")
+
+DESCRIPTION = """\
+falgate is a metered gateway in front of fal.ai image generation. Every request is validated,
+priced per megapixel, held against the calling key's budget, forwarded to fal, and settled to
+the real cost. Amounts are decimal strings with six places (micro-dollars)."""
+
+
+class StartupError(RuntimeError):
+    """The configuration cannot be served; the message names the setting to fix."""
+
+
+def _read_secret_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write_secret_file(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+
+
+def resolve_admin_token(settings: Settings) -> str:
+    """The configured admin token; in sandbox mode one is generated and kept in the data dir."""
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        token = settings.admin_token.get_secret_value()
+        if not settings.sandbox_mode and len(token) < 16:
+            raise StartupError("FALGATE_ADMIN_TOKEN must be at least 16 characters.")
+        return token
+    if not settings.sandbox_mode:
+        raise StartupError(
+            "A fal key is configured but FALGATE_ADMIN_TOKEN is not set: refusing to start. "
+            "Set FALGATE_ADMIN_TOKEN to a long random secret."
+        )
+    path = settings.data_dir / "admin_token"
+    token = _read_secret_file(path)
+    if token is None:
+        token = "fga_" + secrets.token_urlsafe(32)
+        _write_secret_file(path, token)
+    return token
+
+
+async def _development_key(settings: Settings, keys: KeyService) -> str:
+    """A ready-to-use key for sandbox mode, kept in the data dir and recreated if gone."""
+    path = settings.data_dir / "dev_key"
+    plaintext = _read_secret_file(path)
+    if plaintext is not None:
+        with contextlib.suppress(Exception):
+            await keys.authenticate(plaintext)
+            return plaintext
+    _, plaintext = await keys.create(KeyCreate(name="development"))
+    _write_secret_file(path, plaintext)
+    return plaintext
+
+
+def _banner(lines: list[str]) -> None:
+    width = max(len(line) for line in lines) + 4
+    print("\n" + "=" * width, flush=True)
+    for line in lines:
+        print(f"  {line}", flush=True)
+    print("=" * width + "\n", flush=True)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from app.ops.shutdown import InflightTracker
+    from app.upstream.client import FalClient
+
+    settings: Settings = app.state.settings
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.admin_token = resolve_admin_token(settings)
+        app.state.catalog = load_catalog(settings.catalog_file)
+
+        redis_url = settings.redis_url
+        if redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir)
+            redis_url = embedded.start()
+            stack.callback(embedded.stop)
+            log.info("started a private Redis server", extra={"port": embedded.port})
+        redis = redis_client(redis_url, settings)
+        stack.push_async_callback(redis.aclose)
+        app.state.redis = redis
+
+        upstream = settings
+        if settings.sandbox_mode:
+            base = settings.sandbox_url
+            if base is None:
+                from app.sandbox import embedded_sandbox
+
+                base = await stack.enter_async_context(
+                    embedded_sandbox(
+                        settings.sandbox_host,
+                        settings.sandbox_port,
+                        latency_ms=settings.sandbox_latency_ms,
+                    )
+                )
+            base = base.rstrip("/")
+            sandbox_host = base.split("://", 1)[1].split("/", 1)[0]
+            upstream = settings.model_copy(
+                update={
+                    "fal_run_url": base,
+                    "fal_queue_url": base + "/queue",
+                    "fal_key": None,
+                    "image_fetch_allow_hosts": [
+                        *settings.image_fetch_allow_hosts,
+                        sandbox_host,
+                    ],
+                }
+            )
+            log.warning(
+                "SANDBOX MODE: no fal key is set, requests go to the built-in fal emulator at %s",
+                base,
+            )
+        app.state.upstream_settings = upstream
+        fal = FalClient(upstream)
+        await fal.start()
+        stack.push_async_callback(fal.aclose)
+        app.state.fal = fal
+        app.state.http = None
+
+        keys = KeyService(redis, known_models=_known_models(app))
+        app.state.keys = keys
+
+        from app.metering import Meter
+        from app.metering.sweeper import Sweeper
+        from app.ratelimit.upstream_gate import UpstreamGate
+
+        process_id = f"proc_{secrets.token_hex(6)}"
+        app.state.process_id = process_id
+        app.state.meter = Meter(redis, settings, process_id)
+        app.state.gate = UpstreamGate(redis, settings, process_id)
+        sweeper = Sweeper(redis, settings, process_id, fal)
+        await sweeper.start()
+        stack.push_async_callback(sweeper.stop)
+        app.state.sweeper = sweeper
+
+        inflight = InflightTracker()
+        app.state.inflight = inflight
+
+        if settings.sandbox_mode:
+            dev_key = await _development_key(settings, keys)
+            _banner(
+                [
+                    "falgate is running in SANDBOX MODE (no fal key): images come from the",
+                    "built-in fal emulator and cost nothing real.",
+                    f"Gateway:       http://{settings.host}:{settings.port}",
+                    f"Admin token:   {app.state.admin_token}",
+                    f"API key (dev): {dev_key}",
+                    f"Try: curl -H 'Authorization: Bearer {dev_key}' "
+                    f"-d '{{\"prompt\":\"a red fox\"}}' "
+                    f"http://{settings.host}:{settings.port}/v1/generate",
+                ]
+            )
+        yield
+        await inflight.drain(settings.shutdown_grace_s)
+
+
+def _known_models(app: FastAPI) -> set[str]:
+    catalog = app.state.catalog
+    return set(catalog.models) | set(catalog.upscalers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the gateway application; nothing is connected until the lifespan runs."""
+    from app.ops.health import router as health_router
+    from app.ops.logging import RequestContextMiddleware
+
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="falgate",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "generation", "description": "Metered image generation."},
+            {"name": "catalog", "description": "Models and prices."},
+            {"name": "usage", "description": "The calling key's budget and spend."},
+            {"name": "admin", "description": "Keys, usage and ledger (admin token)."},
+            {"name": "operations", "description": "Health and metrics."},
+        ],
+    )
+    app.state.settings = settings
+    add_exception_handlers(app)
+    app.include_router(generation_router)
+    app.include_router(catalog_router)
+    app.include_router(keys_router)
+    app.include_router(health_router)
+    _include_optional_routers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, settings=settings)
+    return app
+
+
+def _include_optional_routers(app: FastAPI) -> None:
+    from app.metering.routes import admin_router as usage_admin_router
+    from app.metering.routes import router as usage_router
+
+    app.include_router(usage_router)
+    app.include_router(usage_admin_router)
+
+
+__all__ = ["StartupError", "create_app", "lifespan"]
