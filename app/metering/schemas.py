@@ -1,0 +1,25 @@
+"""Response bodies of the usage routes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Limits(BaseModel):
+    rpm: int = Field(description="Requests per minute (0 = unlimited).", examples=[600])
+    max_concurrent: int = Field(description="Requests in flight (0 = unlimited).", examples=[16])
+
+
+class KeyUsage(BaseModel):
+    """The calling key's budget and spend in its current period."""
+
+    key_id: str = Field(examples=["key_3f9a0c1d2e4b"])
+    budget_usd: str | None = Field(description="null = unlimited.", examples=["50.000000"])
+    period: str = Field(description="total, daily or monthly (UTC).", examples=["monthly"])
+    period_start: str | None = Field(description="ISO 8601 UTC; null for total.")
+    period_end: str | None = Field(description="ISO 8601 UTC, exclusive; null for total.")
+    spent_usd: str = Field(description="Settled in this period.", examples=["1.234567"])
+    held_usd: str = Field(description="Held by requests in flight.", examples=["0.011797"])
+    remaining_usd: str | None = Field(description="null = unlimited.", examples=["48.753636"])
+    in_flight: int = Field(description="Requests of this key in flight now.")
+    limits: Limits
