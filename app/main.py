@@ -8,6 +8,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+
 from fastapi import FastAPI
 
 from app import __version__
@@ -97,10 +98,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         app.state.admin_token = resolve_admin_token(settings)
+        app.state.inflight = InflightTracker()
         app.state.catalog = load_catalog(settings.catalog_file)
 
-        redis_url = settings.redis_url
-        if redis_url is None:
+        if settings.redis_url is not None:
+            redis_url = settings.redis_url
+        else:
             embedded = EmbeddedRedis(settings.data_dir)
             redis_url = embedded.start()
             stack.callback(embedded.stop)
@@ -111,8 +114,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         upstream = settings
         if settings.sandbox_mode:
-            base = settings.sandbox_url
-            if base is None:
+            if settings.sandbox_url is not None:
+                base = settings.sandbox_url
+            else:
                 from app.sandbox import embedded_sandbox
 
                 base = await stack.enter_async_context(
@@ -162,8 +166,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
 
-        inflight = InflightTracker()
-        app.state.inflight = inflight
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)
@@ -175,12 +177,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     f"Admin token:   {app.state.admin_token}",
                     f"API key (dev): {dev_key}",
                     f"Try: curl -H 'Authorization: Bearer {dev_key}' "
-                    f"-d '{{\"prompt\":\"a red fox\"}}' "
+                    f'-d \'{{"prompt":"a red fox"}}\' '
                     f"http://{settings.host}:{settings.port}/v1/generate",
                 ]
             )
         yield
-        await inflight.drain(settings.shutdown_grace_s)
+        await app.state.inflight.drain(settings.shutdown_grace_s)
 
 
 def _known_models(app: FastAPI) -> set[str]:
@@ -220,11 +222,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _include_optional_routers(app: FastAPI) -> None:
-    from app.metering.routes import admin_router as usage_admin_router
-    from app.metering.routes import router as usage_router
+    from app.usage.routes import router as usage_router
 
     app.include_router(usage_router)
-    app.include_router(usage_admin_router)
 
 
 __all__ = ["StartupError", "create_app", "lifespan"]

@@ -12,17 +12,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
-
 import redis
-import redis.asyncio as aioredis
 import redis.exceptions
 
+from app.ops.redis_topology import RedisLike, redis_from_url
 from app.settings import Settings
 
 log = logging.getLogger("falgate.redis")
 
-RedisClient = aioredis.Redis
 
 
 def redis_server_binary() -> str:
@@ -97,7 +94,7 @@ class EmbeddedRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads exist yet at start
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -134,25 +131,10 @@ class EmbeddedRedis:
         self.process = None
 
 
-def redis_client(url: str, settings: Settings) -> Any:
-    """A redis-py asyncio client with short timeouts, so an outage answers 503 fast.
-
-    ``redis://`` and ``rediss://`` give a plain client; cluster and sentinel URLs are handled
-    by :mod:`app.ops.redis_topology`.
-    """
-    try:
-        from app.ops.redis_topology import redis_from_url
-    except ImportError:
-        redis_from_url = None
-    if redis_from_url is not None:
-        return redis_from_url(url, settings)
-    return aioredis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        health_check_interval=10,
-    )
+def redis_client(url: str, settings: Settings) -> RedisLike:
+    """A redis-py asyncio client for any supported URL form (single, cluster, sentinel),
+    with short timeouts so that an outage answers 503 fast."""
+    return redis_from_url(url, settings)
 
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)

@@ -112,12 +112,12 @@ class ApiKey:
             id=self.id,
             name=self.name,
             prefix=self.prefix,
-            status=self.effective_status(),  # type: ignore[arg-type]
+            status=self.effective_status(),
             created_at=datetime.fromtimestamp(self.created_at, UTC),
             expires_at=dt(self.expires_at),
             revoked_at=dt(self.revoked_at),
             budget_usd=None if self.budget_micro is None else format_usd(self.budget_micro),
-            budget_period=self.budget_period,  # type: ignore[arg-type]
+            budget_period=self.budget_period,
             rpm=self.rpm,
             max_concurrent=self.max_concurrent,
             models=None if self.models is None else list(self.models),
