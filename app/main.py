@@ -222,9 +222,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _include_optional_routers(app: FastAPI) -> None:
-    from app.usage.routes import router as usage_router
+    from app.metering.routes import admin_router as usage_admin_router
+    from app.metering.routes import router as usage_router
 
     app.include_router(usage_router)
+    app.include_router(usage_admin_router)
 
 
 __all__ = ["StartupError", "create_app", "lifespan"]
