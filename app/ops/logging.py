@@ -167,10 +167,9 @@ def configure_logging(settings: Settings) -> None:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config``/``uvicorn.run`` (besides the app)."""
+    """Keyword arguments for ``uvicorn.Config``/``uvicorn.run`` besides the app, host and port:
+    JSON logs, no uvicorn access log (ours is written by the middleware), graceful shutdown."""
     return {
-        "host": settings.host,
-        "port": settings.port,
         "log_config": logging_config(settings),
         "access_log": False,
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
