@@ -1,0 +1,193 @@
+"""Every fault the sandbox can inject reaches the client as SPEC section 6 says, and the key
+is charged nothing for it (the hold is released, the ledger shows no spend)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, GatewayFactory, Sandbox
+
+FAL_SECRET = "fal-central-id:fal-central-secret-DO-NOT-LEAK"
+
+
+@pytest.fixture(scope="module")
+def faulty(gateways: GatewayFactory) -> Iterator[Gateway]:
+    """A gateway with short upstream timeouts and quick retries, in queue mode."""
+    gateway = gateways.start(
+        FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="3",
+        FALGATE_UPSTREAM_READ_TIMEOUT_S="1.5",
+        FALGATE_UPSTREAM_RETRY_BACKOFF_S="0.01",
+        FALGATE_UPSTREAM_MAX_RETRIES="2",
+    )
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def faulty_sync(gateways: GatewayFactory) -> Iterator[Gateway]:
+    gateway = gateways.start(
+        FALGATE_UPSTREAM_MODE="sync",
+        FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="3",
+        FALGATE_UPSTREAM_READ_TIMEOUT_S="1.5",
+        FALGATE_UPSTREAM_RETRY_BACKOFF_S="0.01",
+        FALGATE_UPSTREAM_MAX_RETRIES="2",
+    )
+    yield gateway
+    gateway.stop()
+
+
+def _assert_charged_nothing(gateway: Gateway, key: str) -> None:
+    with gateway.client(key) as client:
+        usage = client.get("/v1/usage").json()
+    assert usage["spent_usd"] == "0.000000", usage
+    assert usage["held_usd"] == "0.000000", usage
+    assert usage["remaining_usd"] == "10.000000", usage
+
+
+FAULTS: list[tuple[dict[str, Any], int, str]] = [
+    ({"kind": "error", "scope": "generate", "status_code": 422}, 400, "invalid_request"),
+    ({"kind": "error", "scope": "generate", "status_code": 500}, 502, "upstream_error"),
+    ({"kind": "error", "scope": "generate", "status_code": 502}, 502, "upstream_error"),
+    ({"kind": "error", "scope": "generate", "status_code": 503}, 502, "upstream_error"),
+    ({"kind": "timeout", "scope": "generate", "user_timeout": True}, 504, "upstream_timeout"),
+    ({"kind": "rate_limit", "scope": "generate"}, 502, "upstream_error"),
+    ({"kind": "drop", "scope": "generate"}, 502, "upstream_error"),
+    ({"kind": "hang", "scope": "generate"}, 504, "upstream_timeout"),
+    ({"kind": "bad_key", "scope": "generate"}, 503, "unavailable"),
+    ({"kind": "locked", "scope": "generate"}, 503, "unavailable"),
+]
+JOB_FAULTS: list[tuple[dict[str, Any], int, str]] = [
+    ({"kind": "error", "scope": "job", "status_code": 422}, 400, "invalid_request"),
+    ({"kind": "error", "scope": "job", "status_code": 500}, 502, "upstream_error"),
+    ({"kind": "hang", "scope": "job"}, 504, "upstream_timeout"),
+    ({"kind": "error", "scope": "status", "status_code": 500}, 502, "upstream_error"),
+    ({"kind": "error", "scope": "result", "status_code": 500}, 502, "upstream_error"),
+    ({"kind": "locked", "scope": "status"}, 503, "unavailable"),
+]
+
+
+def _run_fault(
+    gateway: Gateway, sandbox: Sandbox, fault: dict[str, Any], status: int, type_: str
+) -> None:
+    _, key = gateway.create_key(name="faults", budget_usd="10")
+    sandbox.configure(faults=[fault])
+    with gateway.client(key) as client:
+        response = client.post("/v1/generate", json={"prompt": "x"})
+    sandbox.reset()
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == type_
+    assert "fal-central" not in response.text and "DO-NOT-LEAK" not in response.text
+    assert "Exhausted balance" not in response.text and "No user found" not in response.text
+    _assert_charged_nothing(gateway, key)
+
+
+@pytest.mark.parametrize(("fault", "status", "type_"), FAULTS + JOB_FAULTS)
+def test_queue_mode_fault(
+    faulty: Gateway, clean_sandbox: Sandbox, fault: dict[str, Any], status: int, type_: str
+) -> None:
+    _run_fault(faulty, clean_sandbox, fault, status, type_)
+
+
+@pytest.mark.parametrize(("fault", "status", "type_"), FAULTS)
+def test_sync_mode_fault(
+    faulty_sync: Gateway, clean_sandbox: Sandbox, fault: dict[str, Any], status: int, type_: str
+) -> None:
+    fault = {**fault, "scope": "run" if fault["scope"] == "generate" else fault["scope"]}
+    _run_fault(faulty_sync, clean_sandbox, fault, status, type_)
+
+
+def test_fal_validation_message_is_passed_on(faulty: Gateway, clean_sandbox: Sandbox) -> None:
+    _, key = faulty.create_key(name="fal-422")
+    detail = [{"loc": ["body", "prompt"], "msg": "prompt is unsafe", "type": "content_policy"}]
+    clean_sandbox.configure(
+        faults=[{"kind": "error", "scope": "generate", "status_code": 422, "detail": detail}]
+    )
+    with faulty.client(key) as client:
+        response = client.post("/v1/generate", json={"prompt": "x"})
+    assert response.status_code == 400
+    assert "prompt is unsafe" in response.json()["error"]["message"]
+
+
+def test_transient_faults_are_retried(faulty: Gateway, clean_sandbox: Sandbox) -> None:
+    _, key = faulty.create_key(name="retry")
+    clean_sandbox.configure(
+        faults=[{"kind": "error", "scope": "submit", "status_code": 503, "count": 2}]
+    )
+    with faulty.client(key) as client:
+        response = client.post("/v1/generate", json={"prompt": "x"})
+    assert response.status_code == 200, response.text
+
+
+def test_client_disconnect_cancels_upstream_and_releases(
+    faulty: Gateway, clean_sandbox: Sandbox
+) -> None:
+    _, key = faulty.create_key(name="gone", budget_usd="10")
+    clean_sandbox.configure(faults=[{"kind": "hang", "scope": "job"}])
+    with faulty.client(key) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/generate", json={"prompt": "walk away"}, timeout=0.8)
+    deadline = time.monotonic() + 10
+    states: list[str] = []
+    while time.monotonic() < deadline:
+        states = [str(r.get("status")) for r in clean_sandbox.requests()]
+        if states and all(s == "cancelled" for s in states):
+            break
+        time.sleep(0.1)
+    assert states and all(s == "cancelled" for s in states), clean_sandbox.requests()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with faulty.client(key) as client:
+            if client.get("/v1/usage").json()["held_usd"] == "0.000000":
+                break
+        time.sleep(0.1)
+    _assert_charged_nothing(faulty, key)
+
+
+def test_real_mode_never_leaks_the_fal_key(gateways: GatewayFactory, sandbox: Sandbox) -> None:
+    """With a real fal key (pointed at the sandbox), fal's 401/403 become a generic 503 and the
+    key appears in no response and no log line."""
+    gateway = gateways.start(
+        FALGATE_FAL_KEY=FAL_SECRET,
+        FALGATE_FAL_RUN_URL=sandbox.url,
+        FALGATE_FAL_QUEUE_URL=sandbox.url + "/queue",
+        FALGATE_LOG_LEVEL="debug",
+    )
+    try:
+        _, key = gateway.create_key(name="real-mode", budget_usd="10")
+        with gateway.client(key) as client:
+            assert client.post("/v1/generate", json={"prompt": "ok"}).status_code == 200
+            for kind in ("bad_key", "locked"):
+                sandbox.configure(faults=[{"kind": kind, "scope": "any"}])
+                response = client.post("/v1/generate", json={"prompt": "x"})
+                sandbox.reset()
+                assert response.status_code == 503
+                assert "DO-NOT-LEAK" not in response.text and "fal-central" not in response.text
+        assert "DO-NOT-LEAK" not in gateway.output()
+        assert "fal-central" not in gateway.output()
+    finally:
+        sandbox.reset()
+        gateway.stop()
+
+
+def test_real_fal_key_without_admin_token_refuses_to_start(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALGATE_")}
+    env.update({"FAL_KEY": FAL_SECRET, "FALGATE_DATA_DIR": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "FALGATE_ADMIN_TOKEN" in result.stderr
+    assert "DO-NOT-LEAK" not in result.stderr + result.stdout
