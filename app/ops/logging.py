@@ -53,7 +53,8 @@ _KEY_PREFIX = "fgk_"
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra=``.
 _RECORD_ATTRS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "color_message"}  # uvicorn's copy of msg with terminal colours
 )
 _SECRET_PATTERNS = (
     (re.compile(r"fgk_[A-Za-z0-9_\-]+"), "fgk_[redacted]"),
