@@ -158,7 +158,7 @@ def test_prompts_are_logged_only_when_enabled(tmp_path: Path) -> None:
 
 def test_insane_request_ids_are_replaced(server: Server) -> None:
     for supplied in (b"", b"x" * 65, b"has space", b"semi;colon", "\u00fcn".encode(), b"-dash"):
-        response = httpx.get(f"{server.url}/healthz", headers={"X-Request-Id": supplied})
+        response = httpx.get(f"{server.url}/healthz", headers={b"X-Request-Id": supplied})
         assert response.headers["x-request-id"].startswith("req_"), supplied
         assert len(response.headers["x-request-id"]) == 36
 
