@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
@@ -41,7 +41,7 @@ class UpstreamResult:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-class OutcomeState(str, Enum):
+class OutcomeState(StrEnum):
     PENDING = "pending"  # still queued or running at fal
     COMPLETED = "completed"  # finished with images: bill them
     FAILED = "failed"  # finished without a billable result (error, cancelled)
