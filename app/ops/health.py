@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from app.errors import Unavailable, error_response
+from app.ops.holds import outstanding_holds
 from app.ops.metrics import metrics_of, metrics_response
 from app.ops.shutdown import InflightTracker
 from app.schemas import error_responses
@@ -102,6 +103,9 @@ async def metrics(request: Request) -> Response:
     inflight: InflightTracker | None = getattr(request.app.state, "inflight", None)
     if inflight is not None:
         app_metrics.inflight.set(inflight.count)
+    redis = getattr(request.app.state, "redis", None)
+    if not app_metrics.has_holds_source and redis is not None:
+        app_metrics.set_holds_source(lambda: outstanding_holds(redis))
     settings: Settings = request.app.state.settings
     return await metrics_response(
         app_metrics,

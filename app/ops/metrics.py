@@ -161,6 +161,10 @@ class Metrics:
         """Register how to count the outstanding holds; it is awaited on each scrape."""
         self._holds_source = source
 
+    @property
+    def has_holds_source(self) -> bool:
+        return self._holds_source is not None
+
     async def refresh_holds(self, timeout_s: float = 1.0) -> None:
         """Update the holds gauges from the source; on failure keep the last values."""
         if self._holds_source is None:

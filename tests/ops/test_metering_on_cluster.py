@@ -20,6 +20,7 @@ from app.catalog.pricing import Price
 from app.errors import BudgetExceeded, RateLimited, Unavailable
 from app.metering import Meter
 from app.metering.sweeper import Sweeper
+from app.ops.holds import outstanding_holds
 from app.ops.redis_topology import redis_from_url
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.settings import Settings
@@ -162,3 +163,17 @@ async def test_sweeper_releases_a_dead_processs_holds(cluster: Any, settings: Se
     assert orphan.request_id in report.released
     usage = await Meter(cluster, settings, "proc_sweeper").usage(key_id)
     assert (usage["held_usd"], usage["in_flight"]) == ("0.000000", 0)
+
+
+async def test_outstanding_holds_are_counted_across_the_cluster(
+    cluster: Any, settings: Settings
+) -> None:
+    meter = Meter(cluster, settings, "proc_cluster")
+    before = await outstanding_holds(cluster)
+    keys = [await make_key(cluster) for _ in range(3)]
+    admissions = [await admit(meter, key_id) for key_id in keys]
+    after = await outstanding_holds(cluster)
+    assert (after.count - before.count, after.micro - before.micro) == (3, 3 * 11_797)
+    for admission in admissions:
+        await meter.release(admission, "test")
+    assert await outstanding_holds(cluster) == before
