@@ -6,6 +6,7 @@ routes and ``config.py`` for the knobs; the control API is ``/_sandbox/...``.
 
 from app.sandbox.app import create_sandbox_app
 from app.sandbox.config import FaultKind, FaultRule, FaultScope, SandboxConfig
+from app.sandbox.control import SandboxControl
 from app.sandbox.endpoints import ENDPOINTS
 from app.sandbox.server import embedded_sandbox, run_sandbox, serve_app
 
@@ -15,6 +16,7 @@ __all__ = [
     "FaultRule",
     "FaultScope",
     "SandboxConfig",
+    "SandboxControl",
     "create_sandbox_app",
     "embedded_sandbox",
     "run_sandbox",

@@ -341,6 +341,8 @@ class FalClient:
             try:
                 await on_submitted(request_id)
             except BaseException:
+                # The caller cannot track this request, so it must not run (or bill).
+                submitted.clear()
                 await asyncio.shield(self._cancel_quietly(call.endpoint, request_id))
                 raise
 
