@@ -1,0 +1,1 @@
+"""The overhead benchmark (``bench/run.py``); not part of the test suite."""

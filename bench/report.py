@@ -1,0 +1,87 @@
+"""Markdown for a benchmark result (the README's table): ``python bench/report.py [result.json]``.
+
+Without an argument it renders ``bench/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _mark(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "n/a"}[met]
+
+
+def render(result: dict[str, Any]) -> str:
+    """The machine, the command, the results table, Redis, memory and the targets."""
+    meta = result["meta"]
+    machine = meta["machine"]
+    lines = [
+        f"Measured {meta['date']} on {machine['cpu_model']}, {machine['cores']} cores "
+        f"(load generator, gateway, sandbox and Redis all share them), "
+        f"{machine['memory_gib']} GiB, Python {machine['python']}, {machine['platform']}; "
+        f"load generator: **{meta['tool']}**; profile `{meta['profile']}`: "
+        f"{meta['runs']} runs of {meta['duration_s']:g} s per target and concurrency, "
+        f"medians shown; commit `{meta['commit']}`.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "| concurrency | target | req/s | p50 ms | p99 ms | req/s vs pass-through "
+        "| added p50 ms | added p99 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for conc, per_target in result["summary"].items():
+        for target, row in per_target.items():
+            cmp = result["comparisons"].get(conc, {}).get(target, {})
+            ratio = cmp.get("throughput_vs_passthrough")
+            lines.append(
+                f"| {conc} | {target} | {row['rps']:.0f} | {_fmt(row['p50_ms'])} "
+                f"| {_fmt(row['p99_ms'])} | "
+                f"{'-' if ratio is None else f'{ratio:.0%}'} "
+                f"| {_fmt(cmp.get('added_p50_ms'))} | {_fmt(cmp.get('added_p99_ms'))} |"
+            )
+    lines.append("")
+    redis = result.get("redis") or {}
+    if redis:
+        lines += [
+            "| gateway mode | admitted requests | Redis round trips per request | by command |",
+            "|---|---:|---:|---|",
+        ]
+        for mode, row in redis.items():
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in row["by_command_per_request"].items())
+            lines.append(f"| {mode} | {row['admitted']} | {row['per_request']:.2f} | {detail} |")
+        lines.append("")
+    memory = result.get("memory")
+    if memory:
+        samples = " → ".join(f"{s['rss_mib']:.1f}" for s in memory["samples"])
+        lines += [
+            f"Gateway RSS ({memory['mode']} mode): {memory['rss_idle_mib']:.1f} MiB idle at "
+            f"start, {memory['rss_before_mib']:.1f} MiB after warm-up, "
+            f"{memory['rss_after_mib']:.1f} MiB after {memory['requests']} more requests "
+            f"(samples in MiB: {samples}).",
+            "",
+        ]
+    lines += ["| target | goal | measured | |", "|---|---|---:|---|"]
+    for row in result["targets"]:
+        lines.append(f"| {row['name']} | {row['goal']} | {row['measured']} | {_mark(row['met'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else RESULTS_DIR / "latest.json"
+    print(render(json.loads(path.read_text())), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""What does falgate cost per request? Gateway overhead against a bare pass-through.
+
+Starts on 127.0.0.1: the sandbox (``falgate sandbox``, no simulated latency), the pass-through
+baseline (``bench/passthrough.py``) and two gateways (``falgate serve``, sync and queue upstream
+modes, keys + metering + rate limits on, each with its own real Redis). Drives each target with
+the same closed-loop load at several concurrencies, interleaved run by run, and reports
+throughput, p50/p99 latency, throughput relative to the pass-through and latency added over
+calling the sandbox directly (ratios and differences taken within each run, then the median
+over runs); then Redis round trips per admitted request (``MONITOR``), the gateway's RSS over
+many requests, and whether every admitted request was settled in the ledger.
+
+    .venv/bin/python bench/run.py            # 5 runs x 10 s, concurrency 1/16/64, 100k for RSS
+    .venv/bin/python bench/run.py --quick    # 2 runs x 3 s, 20k for RSS
+    .venv/bin/python bench/run.py --smoke    # ~1 s per target; for the smoke test
+
+Results go to ``bench/results/<timestamp>.json`` and ``bench/results/latest.json``; the
+Markdown table is printed (``bench/report.py`` renders it again). Load goes only to loopback,
+is bounded in time and count, and stops by itself. Nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make ``bench`` and ``app`` importable
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from bench import loadgen, report, stack  # noqa: E402
+
+MODEL = "fal-ai/flux/dev"
+#: The smallest image the gateway allows: the sandbox's drawing and encoding (common to every
+#: target) stay cheap, so what is left to compare is the proxies themselves.
+BODY = json.dumps(
+    {
+        "prompt": "a lighthouse on a cliff at dusk, oil painting",
+        "image_size": {"width": 64, "height": 64},
+        "seed": 1234,
+    }
+).encode()
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    runs: int
+    duration_s: float
+    concurrencies: tuple[int, ...]
+    warmup_s: float
+    roundtrip_requests: int
+    memory_requests: int
+    memory_chunk_s: float
+
+
+PROFILES = {
+    "full": Profile("full", 5, 10.0, (1, 16, 64), 3.0, 5_000, 100_000, 10.0),
+    "quick": Profile("quick", 2, 3.0, (1, 16, 64), 1.0, 1_000, 20_000, 5.0),
+    "smoke": Profile("smoke", 1, 1.0, (4,), 0.5, 100, 300, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    authorization: str | None
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = 0.0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.release()}",
+    }
+
+
+def git_commit() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "app"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return "unknown"
+
+
+def check_target(target: Target) -> None:
+    """One request: a misconfigured target fails here, loudly, not as a fast error stream."""
+    headers = {"Content-Type": "application/json"}
+    if target.authorization:
+        headers["Authorization"] = target.authorization
+    response = httpx.post(target.url, content=BODY, headers=headers, timeout=30)
+    if response.status_code != 200:
+        raise RuntimeError(f"{target.name}: {response.status_code} {response.text[:500]}")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str, Any]:
+    """Medians per (concurrency, target), and per-run ratios/differences, medians of those."""
+    summary: dict[str, dict[str, Any]] = {}
+    comparisons: dict[str, dict[str, Any]] = {}
+    targets = list(dict.fromkeys(m["target"] for m in measurements))
+    for conc in profile.concurrencies:
+        rows = [m for m in measurements if m["concurrency"] == conc]
+        summary[str(conc)] = {}
+        for target in targets:
+            mine = [m for m in rows if m["target"] == target]
+            summary[str(conc)][target] = {
+                "rps": _median([m["rps"] for m in mine]),
+                "p50_ms": _median([m["p50_ms"] for m in mine]),
+                "p99_ms": _median([m["p99_ms"] for m in mine]),
+                "non_2xx": sum(m["non_2xx"] for m in mine),
+                "socket_errors": sum(m["socket_errors"] for m in mine),
+                "requests": sum(m["requests"] for m in mine),
+            }
+        comparisons[str(conc)] = {}
+        for target in targets:
+            if target == "sandbox":
+                continue
+            ratios, added50, added99 = [], [], []
+            for run in range(profile.runs):
+                by = {m["target"]: m for m in rows if m["run"] == run}
+                if target not in by:
+                    continue
+                if "passthrough" in by and by["passthrough"]["rps"]:
+                    ratios.append(by[target]["rps"] / by["passthrough"]["rps"])
+                if "sandbox" in by:
+                    added50.append(by[target]["p50_ms"] - by["sandbox"]["p50_ms"])
+                    added99.append(by[target]["p99_ms"] - by["sandbox"]["p99_ms"])
+            comparisons[str(conc)][target] = {
+                "throughput_vs_passthrough": _median(ratios),
+                "added_p50_ms": _median(added50),
+                "added_p99_ms": _median(added99),
+            }
+    return {"summary": summary, "comparisons": comparisons}
+
+
+def measure_roundtrips(
+    gateway: stack.Gateway, target: Target, requests: int, concurrency: int
+) -> dict[str, Any]:
+    """Commands the gateway sends Redis per admitted request, counted with ``MONITOR``."""
+    before = stack.ledger_summary(gateway.redis, gateway.key_id)["hold"]
+    with stack.CommandCounter(gateway.redis) as counter:
+        load = loadgen.run_python(
+            target.url, BODY, target.authorization, concurrency, requests=requests
+        )
+    admitted = stack.ledger_summary(gateway.redis, gateway.key_id)["hold"] - before
+    per_request = counter.total / admitted if admitted else 0.0
+    return {
+        "admitted": admitted,
+        "responses_2xx": load.ok,
+        "commands_total": counter.total,
+        "per_request": round(per_request, 3),
+        "by_command": dict(counter.commands.most_common()),
+        "by_command_per_request": {
+            name: round(count / admitted, 3) if admitted else 0.0
+            for name, count in counter.commands.most_common()
+        },
+        "script_commands_per_request": round(counter.in_scripts / admitted, 2) if admitted else 0,
+        "note": "includes the gateway's background work (sweeper, leases) during the window",
+    }
+
+
+def measure_memory(
+    gateway: stack.Gateway, target: Target, tool: str, profile: Profile, rss_idle: int
+) -> dict[str, Any]:
+    """RSS of the gateway process before and after ``profile.memory_requests`` requests."""
+    pid = gateway.service.pid
+    before = stack.rss_kib(pid)
+    samples = [{"requests": 0, "rss_mib": round(before / 1024, 1)}]
+    served = 0
+    deadline = time.monotonic() + max(600.0, profile.memory_requests / 100)
+    while served < profile.memory_requests and time.monotonic() < deadline:
+        if tool == "wrk":
+            result = loadgen.run_wrk(
+                target.url, BODY, target.authorization, 16, profile.memory_chunk_s
+            )
+        else:
+            chunk = min(profile.memory_requests - served, max(100, profile.memory_requests // 5))
+            result = loadgen.run_python(target.url, BODY, target.authorization, 16, requests=chunk)
+        served += result.requests
+        samples.append({"requests": served, "rss_mib": round(stack.rss_kib(pid) / 1024, 1)})
+        log(f"memory: {served} requests, RSS {samples[-1]['rss_mib']} MiB")
+    after = stack.rss_kib(pid)
+    return {
+        "mode": gateway.mode,
+        "requests": served,
+        "rss_idle_mib": round(rss_idle / 1024, 1),
+        "rss_before_mib": round(before / 1024, 1),
+        "rss_after_mib": round(after / 1024, 1),
+        "growth_mib": round((after - before) / 1024, 1),
+        "samples": samples,
+    }
+
+
+def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals of issue 7, each with what was measured and whether it was met."""
+    rows: list[dict[str, Any]] = []
+    comparisons = result["comparisons"]
+    low = comparisons.get("1", {}).get("gateway-sync")
+    if low:
+        rows.append(
+            {
+                "name": "added latency p50, concurrency 1 (sync)",
+                "goal": "≤ 1 ms",
+                "measured": f"{low['added_p50_ms']:.2f} ms",
+                "met": low["added_p50_ms"] <= 1.0,
+            }
+        )
+        rows.append(
+            {
+                "name": "added latency p99, concurrency 1 (sync)",
+                "goal": "≤ 5 ms",
+                "measured": f"{low['added_p99_ms']:.2f} ms",
+                "met": low["added_p99_ms"] <= 5.0,
+            }
+        )
+    high = comparisons.get("64", {}).get("gateway-sync")
+    if high and high["throughput_vs_passthrough"] is not None:
+        rows.append(
+            {
+                "name": "throughput vs pass-through, concurrency 64 (sync)",
+                "goal": "≥ 60 %",
+                "measured": f"{high['throughput_vs_passthrough']:.0%}",
+                "met": high["throughput_vs_passthrough"] >= 0.6,
+            }
+        )
+    for mode, row in (result.get("redis") or {}).items():
+        rows.append(
+            {
+                "name": f"Redis round trips per admitted request ({mode})",
+                "goal": "≤ 2",
+                "measured": f"{row['per_request']:.2f}",
+                "met": row["per_request"] <= 2.0,
+            }
+        )
+    memory = result.get("memory")
+    if memory:
+        # "Flat": what is left after warm-up grows by less than 5 % (allocator noise).
+        growth = memory["rss_after_mib"] - memory["rss_before_mib"]
+        rows.append(
+            {
+                "name": f"RSS growth over {memory['requests']} requests",
+                "goal": "flat (< 5 %)",
+                "measured": f"{growth:+.1f} MiB",
+                "met": growth < 0.05 * memory["rss_before_mib"],
+            }
+        )
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="falgate overhead benchmark", formatter_class=argparse.RawTextHelpFormatter
+    )
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="2 runs of 3 s, 20k for RSS")
+    speed.add_argument("--smoke", action="store_true", help="~1 s per target (smoke test)")
+    parser.add_argument("--runs", type=int, help="override the profile's number of runs")
+    parser.add_argument("--duration", type=float, help="override seconds per run")
+    parser.add_argument(
+        "--concurrency", type=lambda s: tuple(int(c) for c in s.split(",")), help="e.g. 1,16,64"
+    )
+    parser.add_argument("--memory-requests", type=int, help="requests for the RSS check")
+    parser.add_argument(
+        "--loadgen",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="auto = wrk if installed, else the Python asyncio/httpx generator",
+    )
+    parser.add_argument(
+        "--modes",
+        default="sync,queue",
+        help="gateway upstream modes to measure (sync is the main comparison)",
+    )
+    parser.add_argument("--out", type=Path, help="result file (default bench/results/<ts>.json)")
+    parser.add_argument("--workdir", type=Path, help="where logs and Redis data go (kept)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    profile = Profile(
+        name=base.name,
+        runs=args.runs or base.runs,
+        duration_s=args.duration or base.duration_s,
+        concurrencies=args.concurrency or base.concurrencies,
+        warmup_s=base.warmup_s,
+        roundtrip_requests=base.roundtrip_requests,
+        memory_requests=(
+            args.memory_requests if args.memory_requests is not None else base.memory_requests
+        ),
+        memory_chunk_s=base.memory_chunk_s,
+    )
+    if args.loadgen == "wrk" and not loadgen.wrk_available():
+        sys.exit(f"wrk is not installed; {loadgen.WRK_INSTALL_HINT}")
+    tool = "wrk" if args.loadgen != "python" and loadgen.wrk_available() else "python"
+    if tool == "python":
+        log(
+            "LOAD GENERATOR: Python asyncio/httpx fallback (slower than the servers it "
+            f"measures; absolute numbers are lower than with wrk). To {loadgen.WRK_INSTALL_HINT}"
+        )
+    modes = [m for m in args.modes.split(",") if m]
+    workdir = stack.make_workdir(args.workdir)
+    log(f"profile {profile.name}, load generator {tool}, logs in {workdir}")
+
+    result: dict[str, Any] = {
+        "meta": {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(),
+            "tool": "wrk" if tool == "wrk" else "python-httpx (fallback)",
+            "profile": profile.name,
+            "runs": profile.runs,
+            "duration_s": profile.duration_s,
+            "concurrencies": list(profile.concurrencies),
+            "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+            "commit": git_commit(),
+            "body": json.loads(BODY),
+            "model": MODEL,
+        }
+    }
+    services: list[stack.Service] = []
+    gateways: dict[str, stack.Gateway] = {}
+    try:
+        sandbox = stack.start_sandbox(workdir)
+        services.append(sandbox)
+        passthrough = stack.start_passthrough(workdir, sandbox.url)
+        services.append(passthrough)
+        targets = [
+            Target("sandbox", f"{sandbox.url}/{MODEL}", "Key sandbox"),
+            Target("passthrough", f"{passthrough.url}/v1/run/{MODEL}", None),
+        ]
+        rss_idle: dict[str, int] = {}
+        for mode in modes:
+            gateway = stack.start_gateway(workdir, sandbox.url, mode)
+            gateways[mode] = gateway
+            rss_idle[mode] = stack.rss_kib(gateway.service.pid)
+            targets.append(
+                Target(f"gateway-{mode}", f"{gateway.url}/v1/run/{MODEL}", f"Bearer {gateway.key}")
+            )
+        for target in targets:
+            check_target(target)
+            loadgen.run_load(tool, target.url, BODY, target.authorization, 16, profile.warmup_s)
+        log("all targets answer; measuring")
+
+        measurements: list[dict[str, Any]] = []
+        for run in range(profile.runs):
+            for conc in profile.concurrencies:
+                for target in targets:
+                    load = loadgen.run_load(
+                        tool, target.url, BODY, target.authorization, conc, profile.duration_s
+                    )
+                    measurements.append({"run": run, "target": target.name, **load.to_json()})
+                    log(
+                        f"run {run + 1}/{profile.runs} c={conc:<3} {target.name:<14} "
+                        f"{load.rps:8.0f} req/s  p50 {load.p50_ms:7.2f} ms  "
+                        f"p99 {load.p99_ms:7.2f} ms  non-2xx {load.non_2xx}"
+                    )
+        result["runs"] = measurements
+        result.update(summarise(measurements, profile))
+
+        by_name = {t.name: t for t in targets}
+        result["redis"] = {}
+        for mode, gateway in gateways.items():
+            result["redis"][mode] = measure_roundtrips(
+                gateway, by_name[f"gateway-{mode}"], profile.roundtrip_requests, 16
+            )
+            log(f"redis ({mode}): {result['redis'][mode]['per_request']} commands per request")
+
+        if "sync" in gateways and profile.memory_requests > 0:
+            result["memory"] = measure_memory(
+                gateways["sync"], by_name["gateway-sync"], tool, profile, rss_idle["sync"]
+            )
+
+        result["ledger"] = {}
+        for mode, gateway in gateways.items():
+            time.sleep(0.2)
+            ledger = stack.ledger_summary(gateway.redis, gateway.key_id)
+            ledger["all_settled"] = (
+                ledger["open_holds"] == 0
+                and ledger["in_flight"] == 0
+                and ledger["hold"] == ledger["settle"] + ledger["release"]
+            )
+            result["ledger"][mode] = ledger
+        result["targets"] = check_targets(result)
+    finally:
+        for gateway in gateways.values():
+            gateway.stop()
+        for service in reversed(services):
+            service.stop()
+
+    out = args.out or RESULTS_DIR / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.out is None:
+        (RESULTS_DIR / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.workdir is None:
+        stack.remove_workdir(workdir)
+    log(f"wrote {out}")
+    print(report.render(result), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

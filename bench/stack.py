@@ -1,0 +1,363 @@
+"""The processes the benchmark measures, all on loopback, and what it reads from them.
+
+- :func:`start_sandbox`: ``falgate sandbox`` (fal emulator), no simulated latency;
+- :func:`start_passthrough`: ``bench/passthrough.py``, the baseline proxy;
+- :func:`start_gateway`: ``falgate serve`` with keys, metering and rate limits on, against its
+  own private Redis (``app.redis.EmbeddedRedis``, the server the tests use), so Redis traffic
+  can be attributed to one gateway;
+- :class:`CommandCounter`: Redis ``MONITOR``, counting the commands clients send (commands run
+  inside Lua scripts are listed by Redis as coming from ``lua`` and are not round trips);
+- :func:`ledger_summary`: the key's ledger stream and open holds, read from Redis;
+- :func:`rss_kib`: a process's resident memory from ``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from app.metering import keyspace
+from app.redis import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+ADMIN_TOKEN = "bench-admin-token-" + secrets.token_hex(12)
+
+
+@dataclass
+class Service:
+    """One server process on 127.0.0.1."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 15 s: only ever the process this module started."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited ({proc.returncode}):\n{_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError(f"{url} did not come up:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-4000:]
+    except FileNotFoundError:
+        return ""
+
+
+def _spawn(
+    name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
+    log = workdir / f"{name}.log"
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env if env is not None else dict(os.environ),
+    )
+    return proc, log
+
+
+def falgate_command() -> list[str]:
+    """``falgate`` (the console script beside this interpreter), else ``python -m app.cli``."""
+    script = Path(sys.executable).parent / "falgate"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "app.cli"]
+
+
+def start_sandbox(workdir: Path) -> Service:
+    port = free_port()
+    proc, log = _spawn(
+        "sandbox",
+        [*falgate_command(), "sandbox", "--port", str(port), "--latency-ms", "0"],
+        workdir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/_sandbox/config", proc, log)
+    # No generation time, and a small image store: the sandbox answers as fast as it can and
+    # its memory stays bounded over hundreds of thousands of requests.
+    config = {"latency_ms": 0, "queue_ms": 0, "max_file_bytes": 64 * 1024 * 1024}
+    httpx.put(f"{url}/_sandbox/config", json=config, timeout=10).raise_for_status()
+    return Service("sandbox", url, proc, log)
+
+
+def start_passthrough(workdir: Path, upstream: str) -> Service:
+    port = free_port()
+    proc, log = _spawn(
+        "passthrough",
+        [
+            sys.executable,
+            str(BENCH_DIR / "passthrough.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+        ],
+        workdir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/v1/none", proc, log)  # 405/404: up
+    return Service("passthrough", url, proc, log)
+
+
+@dataclass
+class Gateway:
+    service: Service
+    redis: EmbeddedRedis
+    mode: str
+    key_id: str = ""
+    key: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.redis.stop()
+
+
+#: Limits far above what two cores can reach, so that nothing is ever refused (a 429 or 503
+#: would be cheaper than a real request and flatter the gateway) while every check still runs.
+GENEROUS_KEY = {
+    "name": "bench",
+    "budget_usd": "1000000",
+    "budget_period": "monthly",
+    "rpm": 1_000_000,
+    "max_concurrent": 10_000,
+}
+
+
+def start_gateway(workdir: Path, sandbox_url: str, mode: str) -> Gateway:
+    """``falgate serve`` in ``mode`` (``sync``/``queue``) with its own Redis, plus one key."""
+    data_dir = workdir / f"gateway-{mode}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = EmbeddedRedis(data_dir / "redis", persist=False)
+    store.start()
+    port = free_port()
+    env = {
+        **os.environ,
+        "FALGATE_HOST": "127.0.0.1",
+        "FALGATE_PORT": str(port),
+        "FALGATE_DATA_DIR": str(data_dir),
+        "FALGATE_REDIS_URL": store.url,
+        "FALGATE_SANDBOX_URL": sandbox_url,
+        "FALGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+        "FALGATE_UPSTREAM_MODE": mode,
+        # The global upstream gate must not queue requests at concurrency 64.
+        "FALGATE_UPSTREAM_MAX_CONCURRENT": "1000",
+        "FALGATE_DEFAULT_RPM": "1000000",
+        "FALGATE_DEFAULT_MAX_CONCURRENT": "10000",
+    }
+    for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
+        env.pop(name, None)
+    try:
+        proc, log = _spawn(f"gateway-{mode}", [*falgate_command(), "serve"], data_dir, env)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", proc, log)
+    except BaseException:
+        store.stop()
+        raise
+    gateway = Gateway(Service(f"gateway-{mode}", url, proc, log), store, mode)
+    response = httpx.post(
+        f"{url}/admin/keys",
+        json=GENEROUS_KEY,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=10,
+    )
+    if response.status_code != 201:
+        gateway.stop()
+        raise RuntimeError(f"could not create the benchmark key: {response.text}")
+    gateway.key_id, gateway.key = response.json()["id"], response.json()["key"]
+    return gateway
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size (``VmRSS``) of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def script_names() -> dict[str, str]:
+    """SHA-1 of every Lua script the gateway loads -> its file name (EVALSHA's first argument)."""
+    names = {}
+    for path in (ROOT / "app").rglob("*.lua"):
+        names[hashlib.sha1(path.read_bytes()).hexdigest()] = path.name
+    return names
+
+
+class CommandCounter:
+    """Counts the commands Redis receives from clients while it runs (``MONITOR``).
+
+    Each command a client sends is one round trip (the gateway does not pipeline on the request
+    path); ``EVALSHA`` is counted per script. Commands that Lua scripts run inside Redis show as
+    client ``lua`` and are counted apart, as ``in_scripts``.
+    """
+
+    def __init__(self, store: EmbeddedRedis) -> None:
+        self.store = store
+        self.commands: Counter[str] = Counter()
+        self.in_scripts = 0
+        self._scripts = script_names()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> CommandCounter:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("MONITOR did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Give Redis a moment to flush what it already executed, then stop.
+        time.sleep(0.3)
+        self._stop.set()
+        self._thread.join(10)
+        if self._error is not None:
+            raise RuntimeError("MONITOR failed") from self._error
+
+    @property
+    def total(self) -> int:
+        return sum(self.commands.values())
+
+    def _run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.store.port), timeout=5) as sock:
+                sock.sendall(_resp("AUTH", self.store.password) + _resp("MONITOR"))
+                sock.settimeout(0.2)
+                buffer = b""
+                while not self._stop.is_set():
+                    try:
+                        chunk = sock.recv(1 << 16)
+                    except TimeoutError:
+                        continue
+                    if not chunk:
+                        break
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\r\n")
+                    for line in lines:
+                        self._line(line.decode("utf-8", "replace"))
+        except BaseException as exc:  # reported by __exit__
+            self._error = exc
+            self._ready.set()
+
+    def _line(self, line: str) -> None:
+        if line == "+OK":
+            self._ready.set()
+            return
+        if not line.startswith("+") or "[" not in line:
+            return
+        client = line[line.index("[") + 1 : line.index("]")]
+        parts = line[line.index("]") + 1 :].split('"')
+        # parts: ['', CMD, ' ', ARG1, ' ', ARG2, ...]
+        command = parts[1].upper() if len(parts) > 1 else "?"
+        if client.endswith("lua"):
+            self.in_scripts += 1
+            return
+        if command in ("EVALSHA", "EVAL") and len(parts) > 3:
+            script = parts[3] if command == "EVALSHA" else hashlib.sha1(parts[3].encode())
+            sha = script if isinstance(script, str) else script.hexdigest()
+            command = f"{command} {self._scripts.get(sha, sha[:12])}"
+        self.commands[command] += 1
+
+
+def _resp(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def ledger_summary(store: EmbeddedRedis, key_id: str) -> dict[str, int]:
+    """Ledger events by kind for one key, and the holds and in-flight slots still open."""
+    client = redis.Redis.from_url(store.url)
+    try:
+        events: Counter[str] = Counter()
+        stream = keyspace.ledger(key_id)
+        start = "-"
+        while True:
+            page = client.xrange(stream, min=start, max="+", count=10_000)
+            if not page:
+                break
+            for _, entry in page:
+                events[entry.get(b"event", b"?").decode()] += 1
+            last = page[-1][0].decode()
+            start = "(" + last
+            if len(page) < 10_000:
+                break
+        return {
+            "hold": events["hold"],
+            "settle": events["settle"],
+            "release": events["release"],
+            "other": sum(v for k, v in events.items() if k not in ("hold", "settle", "release")),
+            "open_holds": int(client.hlen(keyspace.holds(key_id))),
+            "in_flight": int(client.hlen(keyspace.inflight(key_id))),
+        }
+    finally:
+        client.close()
+
+
+def make_workdir(base: Path | None) -> Path:
+    """A fresh directory for logs and Redis data (under ``base`` or the system temp dir)."""
+    import tempfile
+
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="falgate-bench-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="falgate-bench-"))
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

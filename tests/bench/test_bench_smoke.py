@@ -1,0 +1,72 @@
+"""The benchmark machinery still works: ``bench/run.py --smoke`` end to end, ~1 s per target.
+
+Nothing here looks at speed (that is the benchmark's job, and its numbers go in the README);
+it checks that a run yields a well-formed result with real traffic through every target, and
+that the gateway's ledger shows every admitted request settled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# The Python fallback always (CI has no wrk); wrk too where it is installed.
+TOOLS = ["python", *(["wrk"] if shutil.which("wrk") else [])]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--smoke",
+            "--loadgen",
+            tool,
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+
+    names = {"sandbox", "passthrough", "gateway-sync", "gateway-queue"}
+    assert {m["target"] for m in result["runs"]} == names
+    for m in result["runs"]:
+        assert m["ok"] > 0, m
+        assert m["non_2xx"] == 0 and m["socket_errors"] == 0, m
+        assert m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"], m
+    for conc in result["meta"]["concurrencies"]:
+        assert set(result["summary"][str(conc)]) == names
+        for target in names - {"sandbox"}:
+            comparison = result["comparisons"][str(conc)][target]
+            assert comparison["throughput_vs_passthrough"] is not None
+            assert comparison["added_p50_ms"] is not None
+
+    for mode in ("sync", "queue"):
+        redis = result["redis"][mode]
+        assert redis["admitted"] > 0 and redis["commands_total"] > 0
+        ledger = result["ledger"][mode]
+        assert ledger["hold"] > 0
+        assert ledger["settle"] == ledger["hold"]  # every admitted request settled ...
+        assert ledger["release"] == 0  # ... none failed ...
+        assert ledger["open_holds"] == 0 and ledger["in_flight"] == 0  # ... nothing left open
+        assert ledger["all_settled"]
+
+    memory = result["memory"]
+    assert memory["requests"] > 0 and memory["rss_after_mib"] > 0
+    assert {row["name"] for row in result["targets"]}
+    assert "| concurrency | target |" in proc.stdout  # the Markdown table was printed
