@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -124,9 +124,13 @@ def secrets_of(settings: Settings) -> list[str]:
         if secret is not None and secret.get_secret_value():
             found.append(secret.get_secret_value())
     if settings.redis_url:
-        password = urlsplit(settings.redis_url.split(",")[0]).password
-        if password:
-            found.append(unquote(password))
+        parts = urlsplit(settings.redis_url.split(",")[0])
+        if parts.password:
+            found.append(unquote(parts.password))
+        query = dict(parse_qsl(urlsplit(settings.redis_url).query))
+        for name in ("password", "sentinel_password"):
+            if query.get(name):
+                found.append(query[name])
     return found
 
 

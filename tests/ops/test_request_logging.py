@@ -19,7 +19,9 @@ import httpx
 import pytest
 from ops_demo_app import ADMIN_TOKEN, FAL_KEY, GATEWAY_KEY, REDIS_PASSWORD
 
+from app.ops.logging import secrets_of
 from app.redis import free_port
+from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = Path(__file__).with_name("ops_demo_app.py")
@@ -185,3 +187,13 @@ def test_sigterm_lets_in_flight_requests_finish(server: Server) -> None:
     assert result.get("status") == 200
     shutdown = [line for line in server.lines() if line["msg"] == "shutdown"]
     assert shutdown and shutdown[0]["drained"] is True
+
+
+def test_redis_passwords_in_any_url_form_are_blanked() -> None:
+    for url, secret in (
+        ("redis://:pw-one-1@h:6379/0", "pw-one-1"),
+        ("redis+cluster://user:pw%40two@a:7000,b:7001", "pw@two"),
+        ("redis+sentinel://s1:26379/svc?sentinel_password=pw-three", "pw-three"),
+        ("unix:///run/redis.sock?password=pw-four", "pw-four"),
+    ):
+        assert secret in secrets_of(Settings(_env_file=None, redis_url=url))
