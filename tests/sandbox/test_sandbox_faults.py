@@ -135,7 +135,10 @@ async def test_job_faults_complete_the_request_with_an_error(
     assert submitted.status_code == 200
     urls = submitted.json()
     async with asyncio.timeout(5):
-        while (state := (await fal.get(urls["status_url"])).json())["status"] != "COMPLETED":
+        while True:
+            state = (await fal.get(urls["status_url"])).json()
+            if state["status"] == "COMPLETED":
+                break
             await asyncio.sleep(0.01)
     assert state["error"]
     result = await fal.get(urls["response_url"])

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.sandbox import SandboxControl, SandboxConfig, create_sandbox_app, serve_app
+from app.sandbox import SandboxConfig, SandboxControl, create_sandbox_app, serve_app
 
 
 async def _image(fal: httpx.AsyncClient, url: str) -> Image.Image:

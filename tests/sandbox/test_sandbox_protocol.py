@@ -15,10 +15,8 @@ FLUX = "fal-ai/flux/dev"
 BIG_SEED = 2**63 + 12345
 
 
-async def _wait_status(
-    fal: httpx.AsyncClient, status_url: str, want: str, timeout: float = 5
-) -> httpx.Response:
-    async with asyncio.timeout(timeout):
+async def _wait_status(fal: httpx.AsyncClient, status_url: str, want: str) -> httpx.Response:
+    async with asyncio.timeout(5):
         while True:
             response = await fal.get(status_url)
             if response.json()["status"] == want:

@@ -110,14 +110,14 @@ async def test_outcome_of_each_kind_of_request(fal: FalClient, control: SandboxC
 
     await control.configure(faults=[{"kind": "hang", "scope": "job", "count": 1}])
     ids: list[str] = []
+    submitted = asyncio.Event()
 
     async def remember(request_id: str) -> None:
         ids.append(request_id)
+        submitted.set()
 
     task = asyncio.create_task(fal.run(UpstreamCall(FLUX, {"prompt": "x"}), on_submitted=remember))
-    async with asyncio.timeout(5):
-        while not ids:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(submitted.wait(), 5)
     assert (await fal.outcome(FLUX, ids[0])).state is OutcomeState.PENDING
     assert await fal.cancel(FLUX, ids[0]) in ("OK", "CANCELLATION_REQUESTED")
     with pytest.raises(InvalidRequest):

@@ -210,7 +210,9 @@ async def test_sync_caller_going_away_drops_the_connection(
     await control.configure(latency_ms=5000)
     task = asyncio.create_task(fal.run(CALL))
     async with asyncio.timeout(5):
-        while not await control.requests():
+        while True:
+            if await control.requests():
+                break
             await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
