@@ -1,0 +1,127 @@
+"""The global upstream concurrency cap: exact across processes, fair across keys, leased."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from app.errors import Unavailable
+from app.ratelimit.upstream_gate import UpstreamGate
+from app.settings import Settings
+
+
+def gate(r: Any, settings: Settings, process: str = "proc_a", **overrides: Any) -> UpstreamGate:
+    return UpstreamGate(r, settings.model_copy(update=overrides), process)
+
+
+async def wait_for(predicate: Any) -> None:
+    for _ in range(2000):
+        if await predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
+async def test_never_more_than_the_cap_across_processes(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    gates = [
+        gate(gate_redis, gate_settings, f"proc_{i}", upstream_max_concurrent=3) for i in range(3)
+    ]
+    active = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def one(i: int) -> None:
+        nonlocal active, peak
+        async with gates[i % 3].slot(f"key_{i % 4}", f"req_{i}"):
+            active += 1
+            peak = max(peak, active)
+            if active == 3:
+                release.set()
+            await release.wait()
+            await asyncio.sleep(0)
+            active -= 1
+
+    await asyncio.gather(*(one(i) for i in range(30)))
+    assert peak == 3
+    stats = await gates[0].stats()
+    assert (stats.in_use, stats.waiting) == (0, 0)
+
+
+async def test_a_flooding_key_does_not_starve_another(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    g = gate(gate_redis, gate_settings, upstream_max_concurrent=2)
+    await g.acquire("key_flood", "flood_0")
+    await g.acquire("key_flood", "flood_1")
+    order: list[str] = []
+
+    async def waiter(key_id: str, rid: str) -> None:
+        await g.acquire(key_id, rid)
+        order.append(rid)
+
+    flood = [asyncio.create_task(waiter("key_flood", f"flood_{i}")) for i in range(2, 12)]
+    await wait_for(lambda: _waiting(g, 10))
+    quiet = asyncio.create_task(waiter("key_quiet", "quiet_0"))
+    await wait_for(lambda: _waiting(g, 11))
+
+    await g.release("flood_0")  # the quiet key holds nothing: it is served first
+    await quiet
+    assert order == ["quiet_0"]
+    await g.release("flood_1")
+    await wait_for(lambda: _granted(order, 2))
+    assert order[1] == "flood_2"  # then the flood, oldest first
+
+    for task in flood:
+        task.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+
+
+async def _waiting(g: UpstreamGate, n: int) -> bool:
+    return (await g.stats()).waiting == n
+
+
+async def _granted(order: list[str], n: int) -> bool:
+    return len(order) >= n
+
+
+async def test_times_out_with_503_and_leaves_the_queue(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    g = gate(gate_redis, gate_settings, upstream_max_concurrent=1, upstream_queue_timeout_s=0.2)
+    await g.acquire("key_a", "req_1")
+    with pytest.raises(Unavailable) as info:
+        await g.acquire("key_b", "req_2")
+    assert info.value.status_code == 503
+    assert info.value.headers["Retry-After"] == "1"
+    stats = await g.stats()
+    assert (stats.in_use, stats.waiting) == (1, 0)
+
+
+async def test_a_crashed_process_slots_come_back_after_its_lease(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    crashed = gate(gate_redis, gate_settings, "proc_dead", upstream_max_concurrent=1)
+    await crashed.acquire("key_a", "req_dead")  # never released, never renewed
+    alive = gate(gate_redis, gate_settings, "proc_alive", upstream_max_concurrent=1)
+    await alive.acquire("key_b", "req_live")  # waits for the lease (1 s) to run out
+    stats = await alive.stats()
+    assert (stats.in_use, stats.waiting) == (1, 0)
+
+
+async def test_a_cancelled_waiter_gives_up_its_place(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    g = gate(gate_redis, gate_settings, upstream_max_concurrent=1)
+    await g.acquire("key_a", "req_1")
+    waiting = asyncio.create_task(g.acquire("key_b", "req_2"))
+    await wait_for(lambda: _waiting(g, 1))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await g.release("req_1")
+    stats = await g.stats()
+    assert (stats.in_use, stats.waiting) == (0, 0)
