@@ -182,9 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_usage_parser(sub: Any) -> None:
-    from app.metering.cli import add_usage_parser
+    usage = sub.add_parser("usage", help="spend by key, model or day, or one key's budget")
+    usage.add_argument("--key-id", help="one key's current budget, spend and limits")
+    usage.set_defaults(func=lambda a: asyncio.run(_usage(a)))
 
-    add_usage_parser(sub, _redis)
+
+async def _usage(args: argparse.Namespace) -> int:
+    from app.metering import Meter
+
+    settings = get_settings()
+    async with _redis(settings) as redis:
+        meter = Meter(redis, settings, "cli")
+        if args.key_id:
+            _print(await meter.usage(args.key_id))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

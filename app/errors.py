@@ -1,18 +1,18 @@
 """The gateway's one error hierarchy and the handlers that render SPEC section 7's envelope.
 
-    FalgateError                      (500, internal_error - never raised on purpose)
-    ├── InvalidRequest                400 invalid_request
-    ├── Unauthorized                  401 unauthorized
-    ├── BudgetExceeded                402 budget_exceeded
-    ├── Forbidden                     403 forbidden
-    ├── NotFound                      404 not_found
-    │   └── ModelNotFound             404 model_not_found
-    ├── IdempotencyConflict           409 idempotency_conflict
-    ├── PayloadTooLarge               413 payload_too_large
-    ├── RateLimited                   429 rate_limited
-    ├── UpstreamError                 502 upstream_error
-    ├── Unavailable                   503 unavailable
-    └── UpstreamTimeout               504 upstream_timeout
+FalgateError                      (500, internal_error - never raised on purpose)
+├── InvalidRequest                400 invalid_request
+├── Unauthorized                  401 unauthorized
+├── BudgetExceeded                402 budget_exceeded
+├── Forbidden                     403 forbidden
+├── NotFound                      404 not_found
+│   └── ModelNotFound             404 model_not_found
+├── IdempotencyConflict           409 idempotency_conflict
+├── PayloadTooLarge               413 payload_too_large
+├── RateLimited                   429 rate_limited
+├── UpstreamError                 502 upstream_error
+├── Unavailable                   503 unavailable
+└── UpstreamTimeout               504 upstream_timeout
 """
 
 from __future__ import annotations
@@ -145,20 +145,37 @@ def error_response(request: Request, exc: FalgateError) -> JSONResponse:
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    """``("body", "image_size", "width")`` -> ``"image_size.width"``."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # pydantic names union members and tagged branches in the location; drop those.
-    parts = [p for p in parts if not p.startswith(("function-", "literal[", "union["))]
-    parts = [p for p in parts if p not in {"str", "int", "float", "bool", "ImageSizeObject"}]
-    return ".".join(parts) or None
+    """``("body", "image_size", "ImageSizeObject", "width")`` -> ``"image_size.width"``.
+
+    pydantic names the union member it tried in the location (a class name or a tag such as
+    ``literal['a','b']``); those are not fields.
+    """
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else []
+    if not parts and loc and loc[0] not in ("body", "query", "path", "header"):
+        parts = [str(p) for p in loc]
+    fields = [p for p in parts if not (p[:1].isupper() or "[" in p or p.startswith("function-"))]
+    return ".".join(fields) or None
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """Of the errors about the first offending field, the one deepest inside it.
+
+    For ``{"image_size": {"width": 10, ...}}`` pydantic reports both "not a preset" and
+    "width too small"; the second is the one a user can act on.
+    """
+    first = errors[0]
+    top = _field_of(first.get("loc", ()))
+    head = (top or "").split(".")[0]
+    same = [e for e in errors if (_field_of(e.get("loc", ())) or "").split(".")[0] == head]
+    return max(same, key=lambda e: len(_field_of(e.get("loc", ())) or ""))
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """Turn FastAPI's 422 into our 400, naming the first offending field."""
-    errors = exc.errors()
+    errors = list(exc.errors())
     if not errors:
         return InvalidRequest("Invalid request body.")
-    first = errors[0]
+    first = _most_specific(errors)
     field = _field_of(first.get("loc", ()))
     kind = first.get("type", "")
     if kind == "json_invalid":

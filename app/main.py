@@ -128,16 +128,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 )
             base = base.rstrip("/")
             sandbox_host = base.split("://", 1)[1].split("/", 1)[0]
-            upstream = settings.model_copy(
+            # The sandbox's own file URLs may be fetched, so a generated image can be upscaled.
+            settings = settings.model_copy(
                 update={
-                    "fal_run_url": base,
-                    "fal_queue_url": base + "/queue",
-                    "fal_key": None,
-                    "image_fetch_allow_hosts": [
-                        *settings.image_fetch_allow_hosts,
-                        sandbox_host,
-                    ],
+                    "image_fetch_allow_hosts": [*settings.image_fetch_allow_hosts, sandbox_host]
                 }
+            )
+            app.state.settings = settings
+            upstream = settings.model_copy(
+                update={"fal_run_url": base, "fal_queue_url": base + "/queue", "fal_key": None}
             )
             log.warning(
                 "SANDBOX MODE: no fal key is set, requests go to the built-in fal emulator at %s",
@@ -165,7 +164,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
-
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)

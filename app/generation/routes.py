@@ -31,7 +31,10 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 _RUN_ERRORS = error_responses(400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)
 _PRICE_ERRORS = error_responses(400, 401, 403, 404, 413, 503)
 _METERED_HEADERS = {
-    "X-Request-Id": {"description": "The gateway's id for this request.", "schema": {"type": "string"}},
+    "X-Request-Id": {
+        "description": "The gateway's id for this request.",
+        "schema": {"type": "string"},
+    },
     "X-Cost-USD": {"description": "What this request cost.", "schema": {"type": "string"}},
     "X-Budget-Remaining-USD": {
         "description": "Budget left in the period (absent when unlimited).",
@@ -83,7 +86,13 @@ async def _execute(request: Request, key: Any, job: service.Job) -> service.Outc
     outcome = await _until_disconnect(
         request,
         service.execute(
-            job, key, request_id_of(request), meter=state.meter, gate=state.gate, fal=state.fal
+            job,
+            key,
+            request_id_of(request),
+            meter=state.meter,
+            gate=state.gate,
+            fal=state.fal,
+            inflight=state.inflight,
         ),
     )
     request.state.cost_micro = outcome.charged
@@ -180,7 +189,11 @@ async def price_generate(
     summary="Text-to-image (model in the body)",
 )
 async def generate(
-    request: Request, body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
+    request: Request,
+    body: GenerateBody,
+    key: CurrentKey,
+    catalog: CatalogDep,
+    settings: SettingsDep,
 ) -> JSONResponse:
     job = service.plan_generate(catalog, settings, key, body.model or "fal-ai/flux/dev", body)
     return _generated(request, await _execute(request, key, job))

@@ -104,9 +104,7 @@ class TransformRequest(_Body):
 
 class UpscaleRequest(_Body):
     model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"image_url": "https://example.com/photo.png", "scale": 2}]
-        }
+        json_schema_extra={"examples": [{"image_url": "https://example.com/photo.png", "scale": 2}]}
     )
 
     image_url: str = Field(description="https://, http:// or data: URI of a JPEG, PNG or WebP.")

@@ -22,6 +22,8 @@ from app.generation.schemas import (
     image_dimensions,
 )
 from app.keys.service import ApiKey
+from app.ops.metrics import record_settled
+from app.ops.shutdown import InflightTracker
 from app.settings import Settings
 from app.upstream.types import GeneratedImage, UpstreamCall, UpstreamResult
 
@@ -111,7 +113,9 @@ def plan_generate(
     )
 
 
-def plan_transform(catalog: Catalog, settings: Settings, key: ApiKey, body: TransformRequest) -> Job:
+def plan_transform(
+    catalog: Catalog, settings: Settings, key: ApiKey, body: TransformRequest
+) -> Job:
     """Priced from the requested size alone: the input is fitted to it before it is sent."""
     model = catalog.transform_model(body.model)
     key.check_model(model.id)
@@ -208,9 +212,23 @@ def actual_price(job: Job, images: list[GeneratedImage]) -> Price:
 
 
 async def execute(
-    job: Job, key: ApiKey, request_id: str, *, meter: Any, gate: Any, fal: Any
+    job: Job,
+    key: ApiKey,
+    request_id: str,
+    *,
+    meter: Any,
+    gate: Any,
+    fal: Any,
+    inflight: InflightTracker,
 ) -> Outcome:
     """Admit, forward and settle one job; the hold is released on every failure path."""
+    with inflight.track():
+        return await _execute(job, key, request_id, meter=meter, gate=gate, fal=fal)
+
+
+async def _execute(
+    job: Job, key: ApiKey, request_id: str, *, meter: Any, gate: Any, fal: Any
+) -> Outcome:
     admission = await meter.admit(
         key_id=key.id,
         request_id=request_id,
@@ -234,6 +252,7 @@ async def execute(
         raise
     images = filled_images(job, result)
     settlement = await asyncio.shield(meter.settle(admission, actual_price(job, images)))
+    record_settled(job.model_id, settlement.charged)
     return Outcome(
         job=job,
         images=images,
