@@ -61,9 +61,13 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
         assert redis["admitted"] > 0 and redis["commands_total"] > 0
         ledger = result["ledger"][mode]
         assert ledger["hold"] > 0
-        assert ledger["settle"] == ledger["hold"]  # every admitted request settled ...
-        assert ledger["release"] == 0  # ... none failed ...
-        assert ledger["open_holds"] == 0 and ledger["in_flight"] == 0  # ... nothing left open
+        assert ledger["open_holds"] == 0 and ledger["in_flight"] == 0  # nothing left open
+        assert ledger["hold"] == ledger["settle"] + ledger["release"]
+        # Every 2xx was settled; the only releases are requests wrk cut off at its deadline.
+        assert ledger["settle"] >= ledger["responses_2xx"] > 0
+        assert ledger["release"] <= ledger["cut_off_at_most"]
+        if tool == "python":  # the Python generator lets every request finish
+            assert ledger["release"] == 0 and ledger["settle"] == ledger["responses_2xx"]
         assert ledger["all_settled"]
 
     memory = result["memory"]
