@@ -77,8 +77,6 @@ def fit_to_size(image: InputImage, width: int, height: int) -> InputImage:
         # Re-encoding drops EXIF, so bake the camera orientation into the pixels first.
         upright = ImageOps.exif_transpose(src)
         fitted = ImageOps.fit(upright, (width, height), method=Image.Resampling.LANCZOS)
-    if fmt == "JPEG" and fitted.mode not in ("RGB", "L", "CMYK"):
-        fitted = fitted.convert("RGB")
     out = io.BytesIO()
     if fmt == "PNG":
         fitted.save(out, format=fmt)
