@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
 import redis
 import redis.exceptions
 
@@ -19,7 +20,6 @@ from app.ops.redis_topology import RedisLike, redis_from_url
 from app.settings import Settings
 
 log = logging.getLogger("falgate.redis")
-
 
 
 def redis_server_binary() -> str:
