@@ -61,11 +61,12 @@ def resolve_admin_token(settings: Settings) -> str:
             "Set FALGATE_ADMIN_TOKEN to a long random secret."
         )
     path = settings.data_dir / "admin_token"
-    token = _read_secret_file(path)
-    if token is None:
-        token = "fga_" + secrets.token_urlsafe(32)
-        _write_secret_file(path, token)
-    return token
+    stored = _read_secret_file(path)
+    if stored is not None:
+        return stored
+    generated = "fga_" + secrets.token_urlsafe(32)
+    _write_secret_file(path, generated)
+    return generated
 
 
 async def _development_key(settings: Settings, keys: KeyService) -> str:
