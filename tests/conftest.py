@@ -126,7 +126,17 @@ def start_sandbox(tmp: Path, *args: str, env: dict[str, str] | None = None) -> S
     port = free_port()
     log = tmp / f"sandbox-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "sandbox", "--port", str(port), "--latency-ms", "0", *args],
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "sandbox",
+            "--port",
+            str(port),
+            "--latency-ms",
+            "0",
+            *args,
+        ],
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

@@ -19,9 +19,7 @@ def _image_size_json(image_size: str | tuple[int, int]) -> Any:
     return image_size
 
 
-def _common(
-    taken: frozenset[str], format_param: str, values: dict[str, Any]
-) -> dict[str, Any]:
+def _common(taken: frozenset[str], format_param: str, values: dict[str, Any]) -> dict[str, Any]:
     args: dict[str, Any] = {}
     for name, value in values.items():
         if value is None or name not in taken:

@@ -76,9 +76,12 @@ def test_upscaler_factor_names() -> None:
         .arguments == {"image_url": "u", "upscale_factor": 4, "output_format": "png"}  # fmt: skip
     assert upscale_call(catalog.upscaler("esrgan"), image_url="u", scale=2, output_format="png")\
         .arguments["scale"] == 2  # fmt: skip
-    assert "output_format" not in upscale_call(
-        catalog.upscaler("clarity"), image_url="u", scale=2, output_format="png"
-    ).arguments
+    assert (
+        "output_format"
+        not in upscale_call(
+            catalog.upscaler("clarity"), image_url="u", scale=2, output_format="png"
+        ).arguments
+    )
 
 
 def test_operator_file_overrides_and_extends(tmp_path: Path) -> None:
