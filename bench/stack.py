@@ -105,10 +105,7 @@ def _spawn(
 
 
 def falgate_command() -> list[str]:
-    """``falgate`` (the console script beside this interpreter), else ``python -m app.cli``."""
-    script = Path(sys.executable).parent / "falgate"
-    if script.exists():
-        return [str(script)]
+    """``falgate`` as ``python -m app.cli``: the code of this checkout, whatever is installed."""
     return [sys.executable, "-m", "app.cli"]
 
 
