@@ -83,7 +83,7 @@ async def _development_key(settings: Settings, keys: KeyService) -> str:
 
 
 def _banner(lines: list[str]) -> None:
-    width = max(len(line) for line in lines) + 4
+    width = 76
     print("\n" + "=" * width, flush=True)
     for line in lines:
         print(f"  {line}", flush=True)
@@ -175,9 +175,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     f"Gateway:       http://{settings.host}:{settings.port}",
                     f"Admin token:   {app.state.admin_token}",
                     f"API key (dev): {dev_key}",
-                    f"Try: curl -H 'Authorization: Bearer {dev_key}' "
-                    f'-d \'{{"prompt":"a red fox"}}\' '
-                    f"http://{settings.host}:{settings.port}/v1/generate",
+                    "Try:",
+                    f"  curl http://{settings.host}:{settings.port}/v1/generate \\",
+                    f"    -H 'Authorization: Bearer {dev_key}' \\",
+                    "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
                 ]
             )
         yield
