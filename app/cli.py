@@ -183,18 +183,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_usage_parser(sub: Any) -> None:
     usage = sub.add_parser("usage", help="spend by key, model or day, or one key's budget")
-    usage.add_argument("--key-id", help="one key's current budget, spend and limits")
+    usage.add_argument("--key-id", help="only this key (alone: its budget, spend and limits)")
+    usage.add_argument("--from", dest="start", help="inclusive start date/datetime (UTC)")
+    usage.add_argument("--to", dest="end", help="exclusive end datetime, or a date (included)")
+    usage.add_argument("--group-by", choices=["key", "model", "day"], help="report grouping")
+    usage.add_argument(
+        "--ledger", choices=["jsonl", "csv"], help="export the ledger entries instead"
+    )
     usage.set_defaults(func=lambda a: asyncio.run(_usage(a)))
 
 
 async def _usage(args: argparse.Namespace) -> int:
     from app.metering import Meter
+    from app.metering.reports import (
+        export_csv,
+        export_jsonl,
+        iter_ledger,
+        parse_moment,
+        usage_report,
+    )
 
     settings = get_settings()
+    start, end = parse_moment(args.start), parse_moment(args.end, end=True)
+    key_ids = [args.key_id] if args.key_id else None
     async with _redis(settings) as redis:
-        meter = Meter(redis, settings, "cli")
-        if args.key_id:
-            _print(await meter.usage(args.key_id))
+        if args.ledger:
+            entries = iter_ledger(redis, key_ids=key_ids, start=start, end=end)
+            export = export_csv if args.ledger == "csv" else export_jsonl
+            async for chunk in export(entries):
+                sys.stdout.write(chunk)
+        elif args.key_id and not (args.group_by or start or end):
+            _print(await Meter(redis, settings, "cli").usage(args.key_id))
+        else:
+            _print(
+                await usage_report(
+                    redis, key_ids=key_ids, start=start, end=end, group_by=args.group_by or "key"
+                )
+            )
     return 0
 
 

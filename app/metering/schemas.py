@@ -23,3 +23,29 @@ class KeyUsage(BaseModel):
     remaining_usd: str | None = Field(description="null = unlimited.", examples=["48.753636"])
     in_flight: int = Field(description="Requests of this key in flight now.")
     limits: Limits
+
+
+class UsageRow(BaseModel):
+    """One group: a key id, a model id or a UTC day, by ``group_by``."""
+
+    model_config = {"extra": "allow"}
+
+    requests: int = Field(description="Settled requests.")
+    released: int = Field(description="Failed or cancelled requests (charged nothing).")
+    amount_usd: str = Field(description="Settled total.", examples=["0.235940"])
+    megapixels: str = Field(examples=["15.728640"])
+
+
+class UsageTotals(BaseModel):
+    requests: int
+    released: int
+    amount_usd: str
+    megapixels: str
+
+
+class UsageReport(BaseModel):
+    group_by: str = Field(examples=["key"])
+    from_: str | None = Field(alias="from", description="Inclusive, ISO 8601 UTC.")
+    to: str | None = Field(description="Exclusive, ISO 8601 UTC.")
+    rows: list[UsageRow]
+    total: UsageTotals

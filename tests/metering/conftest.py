@@ -108,3 +108,15 @@ def meter(r: Any, settings: Settings) -> Any:
     from app.metering import Meter
 
     return Meter(r, settings, "proc_test")
+
+
+@pytest.fixture
+def write_key() -> Any:
+    """``await write_key(client, key_id, **fields)`` for a client of another server."""
+    return _make_key
+
+
+@pytest.fixture
+def connect(settings: Settings) -> Any:
+    """``connect(url)`` -> a client configured like the gateway's (short timeouts)."""
+    return lambda url: client_for(url, settings)

@@ -63,8 +63,10 @@ async def test_a_flooding_key_does_not_starve_another(
         await g.acquire(key_id, rid)
         order.append(rid)
 
-    flood = [asyncio.create_task(waiter("key_flood", f"flood_{i}")) for i in range(2, 12)]
-    await wait_for(lambda: _waiting(g, 10))
+    flood = []
+    for i in range(2, 12):  # queued one after the other: flood_2 is the oldest
+        flood.append(asyncio.create_task(waiter("key_flood", f"flood_{i}")))
+        await wait_for(lambda n=i - 1: _waiting(g, n))
     quiet = asyncio.create_task(waiter("key_quiet", "quiet_0"))
     await wait_for(lambda: _waiting(g, 11))
 
@@ -78,6 +80,7 @@ async def test_a_flooding_key_does_not_starve_another(
     for task in flood:
         task.cancel()
     await asyncio.gather(*flood, return_exceptions=True)
+    await wait_for(lambda: _waiting(g, 0))
 
 
 async def _waiting(g: UpstreamGate, n: int) -> bool:
