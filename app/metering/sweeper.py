@@ -11,6 +11,11 @@ looks for holds whose process has no lease any more, claims each one (``claim.lu
   when an image lacks its size, as upscalers' results do);
 - fal says it failed, or does not know it -> release.
 
+Holds of live processes are treated the same way once they are older than any request can
+live (queue timeout + request timeout + a lease + a minute): their settle or release was lost,
+e.g. because Redis was unreachable at that moment. After this process could not reach Redis,
+it waits a full lease before sweeping, so live processes have renewed their leases first.
+
 Any number of processes may sweep at once: the claim keeps them from duplicating work, and
 ``resolve.lua`` acts only while the hold exists, so nothing is resolved twice.
 """
@@ -22,6 +27,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,6 +70,17 @@ class Sweeper:
         self.upstream = upstream
         self.meter = Meter(redis, settings, process_id)
         self.lease_ms = max(1000, int(settings.process_lease_s * 1000))
+        # No request lives longer than this: a hold this old is orphaned even if its process
+        # is alive (e.g. its settle failed while Redis was unreachable).
+        self.max_hold_age_ms = int(
+            (
+                settings.upstream_queue_timeout_s
+                + settings.upstream_request_timeout_s
+                + settings.process_lease_s
+                + 60
+            )
+            * 1000
+        )
         self._claim = LuaScript(redis, __package__, "claim.lua")
         self._task: asyncio.Task[None] | None = None
 
@@ -97,10 +114,17 @@ class Sweeper:
         loop = asyncio.get_running_loop()
         beat_every = self.lease_ms / 3000
         next_sweep = loop.time() + self.settings.sweeper_interval_s * random.random()
+        # After Redis was unreachable every lease may have run out, live processes' too: give
+        # them a full lease to renew before treating anyone as dead.
+        sweep_not_before = loop.time()
         while True:
             try:
-                await self.heartbeat()
-                if loop.time() >= next_sweep:
+                try:
+                    await self.heartbeat()
+                except Unavailable:
+                    sweep_not_before = loop.time() + self.lease_ms / 1000
+                    raise
+                if loop.time() >= max(next_sweep, sweep_not_before):
                     await self.sweep_once()
                     next_sweep = loop.time() + self.settings.sweeper_interval_s * (
                         0.75 + random.random() / 2
@@ -142,8 +166,6 @@ class Sweeper:
         owners = {h["process"] for per_key in holds.values() for h in per_key.values()}
         owners |= {p for per_key in slots.values() for p in per_key.values()}
         dead = await self._dead(owners - {self.process_id})
-        if not dead:
-            return
 
         stale = [
             (key_id, rid)
@@ -158,10 +180,13 @@ class Sweeper:
                         pipe.hdel(keyspace.inflight(key_id), rid)
                     report.slots_freed += sum(await pipe.execute())
 
+        too_old = time.time() * 1000 - self.max_hold_age_ms
         for key_id, per_key in holds.items():
             for rid, hold in per_key.items():
                 if hold["process"] in dead:
-                    await self._resolve_orphan(key_id, rid, hold["process"], report)
+                    await self._resolve_orphan(key_id, rid, hold, self.lease_ms, report)
+                elif int(hold["created_ms"]) < too_old:
+                    await self._resolve_orphan(key_id, rid, hold, self.max_hold_age_ms, report)
 
     async def _dead(self, processes: set[str]) -> set[str]:
         if not processes:
@@ -182,12 +207,18 @@ class Sweeper:
             )
 
     async def _resolve_orphan(
-        self, key_id: str, request_id: str, process: str, report: SweepReport
+        self,
+        key_id: str,
+        request_id: str,
+        seen: dict[str, str],
+        min_age_ms: int,
+        report: SweepReport,
     ) -> None:
+        process = seen["process"]
         with store_errors():
             raw = await self._claim(
                 [keyspace.holds(key_id)],
-                [request_id, self.process_id, self.lease_ms, self.lease_ms, process],
+                [request_id, self.process_id, self.lease_ms, min_age_ms, process],
             )
         if not raw:
             return

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from app.catalog.pricing import Price
-from app.redis import EmbeddedRedis
+from app.redis import EmbeddedRedis, free_port
 from app.settings import Settings
 
 
@@ -120,3 +127,166 @@ def write_key() -> Any:
 def connect(settings: Settings) -> Any:
     """``connect(url)`` -> a client configured like the gateway's (short timeouts)."""
     return lambda url: client_for(url, settings)
+
+
+# --- an isolated deployment for the end-to-end tests -------------------------------------
+#
+# Its own Redis, its own sandbox and its own `falgate serve` processes: these tests kill
+# gateways and restart Redis, and a sweeper must ask the same fal (sandbox) the dead process
+# used, so nothing is shared with the rest of the suite.
+
+ADMIN = "metering-admin-token-0123456789abcdef"
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+def _terminate(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, key: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60, limits=limits)
+
+    def kill(self) -> None:
+        _terminate(self.proc, signal.SIGKILL)
+
+
+@dataclass
+class Deployment:
+    tmp: Path
+    redis: EmbeddedRedis
+    sandbox_url: str
+    sandbox_proc: subprocess.Popen[bytes]
+    started: list[GatewayProcess] = field(default_factory=list)
+
+    def start_gateway(self, **env: str) -> GatewayProcess:
+        port = free_port()
+        data_dir = self.tmp / f"gw-{port}"
+        data_dir.mkdir()
+        full_env = {
+            **os.environ,
+            "FALGATE_HOST": "127.0.0.1",
+            "FALGATE_PORT": str(port),
+            "FALGATE_DATA_DIR": str(data_dir),
+            "FALGATE_REDIS_URL": self.redis.url,
+            "FALGATE_SANDBOX_URL": self.sandbox_url,
+            "FALGATE_ADMIN_TOKEN": ADMIN,
+            "FALGATE_UPSTREAM_POLL_INTERVAL_S": "0.02",
+            "FALGATE_AUTH_CACHE_TTL_S": "0",
+            "FALGATE_SWEEPER_INTERVAL_S": "0.3",
+            "FALGATE_PROCESS_LEASE_S": "1.5",
+            "FALGATE_DEFAULT_RPM": "100000",
+            "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
+            **env,
+        }
+        for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
+            full_env.pop(name, None)
+        log = data_dir / "gateway.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            cwd=ROOT,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+        gateway = GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
+        _wait_up(f"{gateway.url}/healthz", proc, log)
+        self.started.append(gateway)
+        return gateway
+
+    def configure_sandbox(self, **config: Any) -> None:
+        httpx.put(f"{self.sandbox_url}/_sandbox/config", json=config, timeout=5).raise_for_status()
+
+    def reset_sandbox(self) -> None:
+        httpx.post(f"{self.sandbox_url}/_sandbox/reset", timeout=5).raise_for_status()
+
+    def sandbox_requests(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.sandbox_url}/_sandbox/requests", timeout=5)
+        response.raise_for_status()
+        return list(response.json()["requests"])
+
+    def admin(self, gateway: GatewayProcess) -> httpx.AsyncClient:
+        return gateway.client(ADMIN)
+
+    async def create_key(self, gateway: GatewayProcess, **fields: Any) -> tuple[str, str]:
+        fields.setdefault("name", "metering-e2e")
+        async with self.admin(gateway) as admin:
+            response = await admin.post("/admin/keys", json=fields)
+        assert response.status_code == 201, response.text
+        return response.json()["id"], response.json()["key"]
+
+    async def ledger(self, gateway: GatewayProcess, key_id: str) -> list[dict[str, Any]]:
+        async with self.admin(gateway) as admin:
+            response = await admin.get("/admin/ledger", params={"key_id": key_id})
+        assert response.status_code == 200, response.text
+        return [json.loads(line) for line in response.text.splitlines()]
+
+    def stop(self) -> None:
+        for gateway in self.started:
+            _terminate(gateway.proc)
+        _terminate(self.sandbox_proc)
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("metering-e2e")
+    redis_server = EmbeddedRedis(tmp / "redis", persist=True)
+    redis_server.start()
+    port = free_port()
+    log = tmp / "sandbox.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "sandbox", "--port", str(port), "--latency-ms", "0"],
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    sandbox_url = f"http://127.0.0.1:{port}"
+    _wait_up(f"{sandbox_url}/_sandbox/requests", proc, log)
+    deployed = Deployment(tmp, redis_server, sandbox_url, proc)
+    try:
+        yield deployed
+    finally:
+        deployed.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(deployment: Deployment) -> tuple[GatewayProcess, GatewayProcess]:
+    """Two gateway processes sharing the deployment's Redis and sandbox."""
+    return deployment.start_gateway(), deployment.start_gateway()
+
+
+@pytest.fixture
+def fresh_sandbox(deployment: Deployment) -> Iterator[Deployment]:
+    """The deployment with its sandbox reset (no latency, no faults) before and after."""
+    deployment.reset_sandbox()
+    deployment.configure_sandbox(latency_ms=0)
+    yield deployment
+    deployment.reset_sandbox()

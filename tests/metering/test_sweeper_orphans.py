@@ -198,3 +198,16 @@ async def test_lease_is_taken_on_start_and_given_up_on_stop(
     assert await r.exists("falgate:proc:proc_x")
     await sweeper.stop()
     assert not await r.exists("falgate:proc:proc_x")
+
+
+async def test_a_hold_older_than_any_request_is_resolved_even_if_its_process_lives(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any
+) -> None:
+    await make_key("key_a")
+    live = Sweeper(r, settings, "proc_live", ScriptedFal())
+    await live.heartbeat()
+    lost = Meter(r, settings, "proc_live", clock=lambda: time.time() - 3 * 3600)
+    await hold(lost, "key_a", "req_lost", 5, price)  # its settle never reached Redis
+    report = await sweeper.sweep_once()
+    assert report.released == ["req_lost"]
+    assert (await sweeper.meter.usage("key_a"))["held_usd"] == "0.000000"
