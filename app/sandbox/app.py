@@ -45,6 +45,10 @@ from app.sandbox.state import FalResponse, Job, SandboxState, app_path, fal_erro
 
 _MAX_SOURCE_BYTES = 64 * 1024 * 1024
 _LOGS_VALUES = {"1": True, "true": True, "0": False, "false": False}
+# What the result of a cancelled request answers (a failed request's result is its error).
+_CANCELLED = FalResponse(
+    400, {"detail": "Request was cancelled", "error_type": "request_cancelled"}
+)
 
 
 class DropConnection(Response):
@@ -188,6 +192,13 @@ class Sandbox:
         job.task = asyncio.create_task(self.process(job), name=f"sandbox-{job.request_id}")
         return job
 
+    def cancel_job(self, job: Job) -> None:
+        """Stop a request now: it is COMPLETED (cancelled) whether or not its task ran yet."""
+        job.cancel_requested = True
+        self.state.finish(job, "cancelled", _CANCELLED)
+        if job.task is not None:
+            job.task.cancel()
+
     # --- the work ----------------------------------------------------------
     async def process(self, job: Job) -> None:
         """Queue wait, generation and completion of one request, whatever its protocol."""
@@ -205,10 +216,7 @@ class Sandbox:
         except ModelError as exc:
             self.state.finish(job, "failed", FalResponse(exc.status_code, {"detail": exc.detail}))
         except asyncio.CancelledError:
-            cancelled = FalResponse(
-                400, {"detail": "Request was cancelled", "error_type": "request_cancelled"}
-            )
-            self.state.finish(job, "cancelled", cancelled)
+            self.state.finish(job, "cancelled", _CANCELLED)
             if not job.cancel_requested:
                 raise
 
@@ -474,9 +482,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
         if job.state == "COMPLETED":
             return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
         was_queued = job.state == "IN_QUEUE"
-        job.cancel_requested = True
-        if job.task is not None:
-            job.task.cancel()
+        sandbox.cancel_job(job)
         if was_queued:
             return JSONResponse({"status": "OK"}, status_code=200)
         return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
@@ -522,12 +528,11 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
             watcher.cancel()
         if not job.task.done():
             # fal cancels a direct request when its caller drops the connection.
-            job.cancel_requested = True
-            job.task.cancel()
+            sandbox.cancel_job(job)
             with suppress(asyncio.CancelledError):
                 await job.task
             return Response(status_code=204)
-        assert job.response is not None
-        return _json(job.response, job.request_id)
+        # No response only if the task was cancelled (a reset) before it ever ran.
+        return _json(job.response or _CANCELLED, job.request_id)
 
     return app
