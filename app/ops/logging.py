@@ -58,7 +58,8 @@ _RECORD_ATTRS = frozenset(
 )
 _SECRET_PATTERNS = (
     (re.compile(r"fgk_[A-Za-z0-9_\-]+"), "fgk_[redacted]"),
-    (re.compile(r"\b(Bearer|Key)\s+[^\s\",]+", re.IGNORECASE), r"\1 [redacted]"),
+    # An Authorization value: the scheme, then a credential-like token (not "key is set").
+    (re.compile(r"\b([Bb]earer|[Kk]ey)\s+[A-Za-z0-9._~+/:=-]{16,}"), r"\1 [redacted]"),
 )
 _MIN_SECRET_LEN = 4
 

@@ -4,6 +4,7 @@ graceful shutdown that lets in-flight requests finish."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import httpx
 import pytest
 from ops_demo_app import ADMIN_TOKEN, FAL_KEY, GATEWAY_KEY, REDIS_PASSWORD
 
-from app.ops.logging import secrets_of
+from app.ops.logging import JsonFormatter, secrets_of
 from app.redis import free_port
 from app.settings import Settings
 
@@ -197,3 +198,17 @@ def test_redis_passwords_in_any_url_form_are_blanked() -> None:
         ("unix:///run/redis.sock?password=pw-four", "pw-four"),
     ):
         assert secret in secrets_of(Settings(_env_file=None, redis_url=url))
+
+
+def test_scrubbing_blanks_credentials_but_not_prose() -> None:
+    formatter = JsonFormatter(redact=["s3cret-admin-token"])
+    cases = {
+        "no fal key is set": "no fal key is set",
+        "sent Key 0f3c-11aa:9d8e7f6a5b4c3d2e1f": "sent Key [redacted]",
+        "Authorization: Bearer abcdefghijklmnop1234": "Authorization: Bearer [redacted]",
+        "key fgk_abc is bad": "key fgk_[redacted] is bad",
+        'token "s3cret-admin-token"': 'token "[redacted]"',
+    }
+    for message, expected in cases.items():
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+        assert json.loads(formatter.format(record))["msg"] == expected
