@@ -31,13 +31,14 @@ def render(result: dict[str, Any]) -> str:
         f"{machine['memory_gib']} GiB, Python {machine['python']}, {machine['platform']}; "
         f"load generator: **{meta['tool']}**; profile `{meta['profile']}`: "
         f"{meta['runs']} runs of {meta['duration_s']:g} s per target and concurrency, "
-        f"medians shown; commit `{meta['commit']}`.",
+        f"medians shown; commit `{meta['commit']}`; load average at start "
+        f"{meta.get('load_average_at_start', '?')}.",
         "",
         f"Command: `{meta['command']}`",
         "",
-        "| concurrency | target | req/s | p50 ms | p99 ms | req/s vs pass-through "
-        "| added p50 ms | added p99 ms |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | target | req/s | p50 ms | p99 ms | CPU ms/req "
+        "| req/s vs pass-through | added p50 ms | added p99 ms | CPU over pass-through ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for conc, per_target in result["summary"].items():
         for target, row in per_target.items():
@@ -45,20 +46,33 @@ def render(result: dict[str, Any]) -> str:
             ratio = cmp.get("throughput_vs_passthrough")
             lines.append(
                 f"| {conc} | {target} | {row['rps']:.0f} | {_fmt(row['p50_ms'])} "
-                f"| {_fmt(row['p99_ms'])} | "
+                f"| {_fmt(row['p99_ms'])} | {_fmt(row.get('cpu_ms_per_request'))} | "
                 f"{'-' if ratio is None else f'{ratio:.0%}'} "
-                f"| {_fmt(cmp.get('added_p50_ms'))} | {_fmt(cmp.get('added_p99_ms'))} |"
+                f"| {_fmt(cmp.get('added_p50_ms'))} | {_fmt(cmp.get('added_p99_ms'))} "
+                f"| {_fmt(cmp.get('cpu_over_passthrough_ms'))} |"
             )
     lines.append("")
+    redis_cpu = [
+        f"{target} {row['redis_cpu_ms_per_request']:.2f} ms at concurrency {conc}"
+        for conc, per_target in result["summary"].items()
+        for target, row in per_target.items()
+        if row.get("redis_cpu_ms_per_request")
+    ]
+    if redis_cpu:
+        lines += ["Redis server CPU per request: " + "; ".join(redis_cpu) + ".", ""]
     redis = result.get("redis") or {}
     if redis:
         lines += [
-            "| gateway mode | admitted requests | Redis round trips per request | by command |",
-            "|---|---:|---:|---|",
+            "| gateway mode | admitted requests | Redis commands per request "
+            "| Redis round trips per request | commands by kind, per request |",
+            "|---|---:|---:|---:|---|",
         ]
         for mode, row in redis.items():
             detail = ", ".join(f"{k} {v:.2f}" for k, v in row["by_command_per_request"].items())
-            lines.append(f"| {mode} | {row['admitted']} | {row['per_request']:.2f} | {detail} |")
+            lines.append(
+                f"| {mode} | {row['admitted']} | {row['per_request']:.2f} "
+                f"| {row.get('round_trips_per_request', 0):.2f} | {detail} |"
+            )
         lines.append("")
     memory = result.get("memory")
     if memory:

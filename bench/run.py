@@ -80,6 +80,8 @@ class Target:
     name: str
     url: str
     authorization: str | None
+    pid: int  # the server process this target measures the CPU time of
+    redis_pid: int | None = None  # the gateway's Redis server, whose CPU counts too
 
 
 @dataclass
@@ -147,6 +149,12 @@ def check_target(target: Target) -> None:
         raise RuntimeError(f"{target.name}: {response.status_code} {response.text[:500]}")
 
 
+def load_average() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    return -1.0
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -169,6 +177,10 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 "rps": _median([m["rps"] for m in mine]),
                 "p50_ms": _median([m["p50_ms"] for m in mine]),
                 "p99_ms": _median([m["p99_ms"] for m in mine]),
+                "cpu_ms_per_request": _median([m["cpu_ms_per_request"] for m in mine]),
+                "redis_cpu_ms_per_request": _median(
+                    [m["redis_cpu_ms_per_request"] for m in mine if m["redis_cpu_ms_per_request"]]
+                ),
                 "non_2xx": sum(m["non_2xx"] for m in mine),
                 "socket_errors": sum(m["socket_errors"] for m in mine),
                 "requests": sum(m["requests"] for m in mine),
@@ -177,13 +189,16 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
         for target in targets:
             if target == "sandbox":
                 continue
-            ratios, added50, added99 = [], [], []
+            ratios, added50, added99, cpu_over = [], [], [], []
             for run in range(profile.runs):
                 by = {m["target"]: m for m in rows if m["run"] == run}
                 if target not in by:
                     continue
                 if "passthrough" in by and by["passthrough"]["rps"]:
                     ratios.append(by[target]["rps"] / by["passthrough"]["rps"])
+                    cpu_over.append(
+                        by[target]["cpu_ms_per_request"] - by["passthrough"]["cpu_ms_per_request"]
+                    )
                 if "sandbox" in by:
                     added50.append(by[target]["p50_ms"] - by["sandbox"]["p50_ms"])
                     added99.append(by[target]["p99_ms"] - by["sandbox"]["p99_ms"])
@@ -191,8 +206,30 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 "throughput_vs_passthrough": _median(ratios),
                 "added_p50_ms": _median(added50),
                 "added_p99_ms": _median(added99),
+                "cpu_over_passthrough_ms": _median(cpu_over),
             }
     return {"summary": summary, "comparisons": comparisons}
+
+
+def measure(
+    target: Target, tool: str, concurrency: int, duration_s: float, traffic: Traffic
+) -> dict[str, Any]:
+    """One timed load run, with the CPU time the target's process (and Redis) spent on it."""
+    cpu_before = stack.cpu_seconds(target.pid)
+    redis_before = stack.cpu_seconds(target.redis_pid) if target.redis_pid else 0.0
+    load = traffic.add(
+        target,
+        loadgen.run_load(tool, target.url, BODY, target.authorization, concurrency, duration_s),
+    )
+    served = max(1, load.requests)
+    cpu = stack.cpu_seconds(target.pid) - cpu_before
+    redis_cpu = stack.cpu_seconds(target.redis_pid) - redis_before if target.redis_pid else None
+    row = {"target": target.name, **load.to_json()}
+    row["cpu_ms_per_request"] = round(cpu * 1000 / served, 3)
+    row["redis_cpu_ms_per_request"] = (
+        None if redis_cpu is None else round(redis_cpu * 1000 / served, 3)
+    )
+    return row
 
 
 def measure_roundtrips(
@@ -200,6 +237,7 @@ def measure_roundtrips(
 ) -> dict[str, Any]:
     """Commands the gateway sends Redis per admitted request, counted with ``MONITOR``."""
     before = stack.ledger_summary(gateway.redis, gateway.key_id)["hold"]
+    reads_before = stack.reads_processed(gateway.redis)
     with stack.CommandCounter(gateway.redis) as counter:
         load = traffic.add(
             target,
@@ -207,6 +245,8 @@ def measure_roundtrips(
                 target.url, BODY, target.authorization, concurrency, requests=requests
             ),
         )
+    # Minus this function's own INFO and the MONITOR connection's one read.
+    reads = stack.reads_processed(gateway.redis) - reads_before - 2
     admitted = stack.ledger_summary(gateway.redis, gateway.key_id)["hold"] - before
     per_request = counter.total / admitted if admitted else 0.0
     return {
@@ -214,6 +254,7 @@ def measure_roundtrips(
         "responses_2xx": load.ok,
         "commands_total": counter.total,
         "per_request": round(per_request, 3),
+        "round_trips_per_request": round(reads / admitted, 3) if admitted else 0.0,
         "by_command": dict(counter.commands.most_common()),
         "by_command_per_request": {
             name: round(count / admitted, 3) if admitted else 0.0
@@ -385,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     modes = [m for m in args.modes.split(",") if m]
     workdir = stack.make_workdir(args.workdir)
+    if load_average() > 0.5:
+        log(f"WARNING: the machine is busy (load average {load_average()}): numbers will be noisy")
     log(f"profile {profile.name}, load generator {tool}, logs in {workdir}")
 
     result: dict[str, Any] = {
@@ -398,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrencies": list(profile.concurrencies),
             "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
             "commit": git_commit(),
+            "load_average_at_start": load_average(),
             "body": json.loads(BODY),
             "model": MODEL,
         }
@@ -410,8 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         passthrough = stack.start_passthrough(workdir, sandbox.url)
         services.append(passthrough)
         targets = [
-            Target("sandbox", f"{sandbox.url}/{MODEL}", "Key sandbox"),
-            Target("passthrough", f"{passthrough.url}/v1/run/{MODEL}", None),
+            Target("sandbox", f"{sandbox.url}/{MODEL}", "Key sandbox", sandbox.pid),
+            Target("passthrough", f"{passthrough.url}/v1/run/{MODEL}", None, passthrough.pid),
         ]
         rss_idle: dict[str, int] = {}
         for mode in modes:
@@ -419,7 +463,13 @@ def main(argv: list[str] | None = None) -> int:
             gateways[mode] = gateway
             rss_idle[mode] = stack.rss_kib(gateway.service.pid)
             targets.append(
-                Target(f"gateway-{mode}", f"{gateway.url}/v1/run/{MODEL}", f"Bearer {gateway.key}")
+                Target(
+                    f"gateway-{mode}",
+                    f"{gateway.url}/v1/run/{MODEL}",
+                    f"Bearer {gateway.key}",
+                    gateway.service.pid,
+                    gateway.redis.process.pid if gateway.redis.process else None,
+                )
             )
         traffic = Traffic()
         for target in targets:
@@ -437,17 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(profile.runs):
             for conc in profile.concurrencies:
                 for target in targets:
-                    load = traffic.add(
-                        target,
-                        loadgen.run_load(
-                            tool, target.url, BODY, target.authorization, conc, profile.duration_s
-                        ),
-                    )
-                    measurements.append({"run": run, "target": target.name, **load.to_json()})
+                    row = measure(target, tool, conc, profile.duration_s, traffic)
+                    measurements.append({"run": run, **row})
                     log(
                         f"run {run + 1}/{profile.runs} c={conc:<3} {target.name:<14} "
-                        f"{load.rps:8.0f} req/s  p50 {load.p50_ms:7.2f} ms  "
-                        f"p99 {load.p99_ms:7.2f} ms  non-2xx {load.non_2xx}"
+                        f"{row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+                        f"p99 {row['p99_ms']:7.2f} ms  CPU {row['cpu_ms_per_request']:.2f} "
+                        f"ms/req  non-2xx {row['non_2xx']}"
                     )
         result["runs"] = measurements
         result.update(summarise(measurements, profile))

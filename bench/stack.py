@@ -224,6 +224,21 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reads_processed(store: EmbeddedRedis) -> int:
+    """Redis's count of read events from clients (``INFO stats``): one per round trip."""
+    client = redis.Redis.from_url(store.url)
+    try:
+        return int(client.info("stats")["total_reads_processed"])
+    finally:
+        client.close()
+
+
 def script_names() -> dict[str, str]:
     """SHA-1 of every Lua script the gateway loads -> its file name (EVALSHA's first argument)."""
     names = {}
