@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Body, Header, Request
+from fastapi.responses import JSONResponse, Response
 
 from app.catalog import Price
 from app.deps import CatalogDep, CurrentKey, SettingsDep
-from app.errors import request_id_of
+from app.errors import UpstreamError, request_id_of
 from app.generation import service
 from app.generation.schemas import (
     GenerateRequest,
@@ -21,10 +21,12 @@ from app.generation.schemas import (
     UpscaleRequest,
     UpscaleResponse,
 )
+from app.metering.http import idempotent
 from app.money import display_price, format_usd
 from app.schemas import error_responses
 
 T = TypeVar("T")
+DEFAULT_MODEL = "fal-ai/flux/dev"
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 
@@ -133,6 +135,16 @@ def _generated(request: Request, outcome: service.Outcome) -> JSONResponse:
 
 
 GenerateBody = Annotated[GenerateRequest, Body()]
+# Declared for the OpenAPI document; ``idempotent`` reads the header itself.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=255,
+        description="Retry safely: the same key and body within 24 h returns the first "
+        "response without a second charge; a different body answers 409.",
+    ),
+]
 
 
 @router.post(
@@ -162,9 +174,13 @@ async def run(
     key: CurrentKey,
     catalog: CatalogDep,
     settings: SettingsDep,
-) -> JSONResponse:
-    job = service.plan_generate(catalog, settings, key, model_id, body)
-    return _generated(request, await _execute(request, key, job))
+    _idempotency_key: IdempotencyKey = None,
+) -> Response:
+    async def handle() -> Response:
+        job = service.plan_generate(catalog, settings, key, model_id, body)
+        return _generated(request, await _execute(request, key, job))
+
+    return await idempotent(request, key.id, handle)
 
 
 @router.post(
@@ -177,7 +193,7 @@ async def run(
 async def price_generate(
     body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
 ) -> PriceResponse:
-    job = service.plan_generate(catalog, settings, key, body.model or "fal-ai/flux/dev", body)
+    job = service.plan_generate(catalog, settings, key, body.model or DEFAULT_MODEL, body)
     return _price_body(job)
 
 
@@ -194,9 +210,13 @@ async def generate(
     key: CurrentKey,
     catalog: CatalogDep,
     settings: SettingsDep,
-) -> JSONResponse:
-    job = service.plan_generate(catalog, settings, key, body.model or "fal-ai/flux/dev", body)
-    return _generated(request, await _execute(request, key, job))
+    _idempotency_key: IdempotencyKey = None,
+) -> Response:
+    async def handle() -> Response:
+        job = service.plan_generate(catalog, settings, key, body.model or DEFAULT_MODEL, body)
+        return _generated(request, await _execute(request, key, job))
+
+    return await idempotent(request, key.id, handle)
 
 
 @router.post(
@@ -228,10 +248,14 @@ async def transform(
     key: CurrentKey,
     catalog: CatalogDep,
     settings: SettingsDep,
-) -> JSONResponse:
-    job = service.plan_transform(catalog, settings, key, body)
-    await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
-    return _generated(request, await _execute(request, key, job))
+    _idempotency_key: IdempotencyKey = None,
+) -> Response:
+    async def handle() -> Response:
+        job = service.plan_transform(catalog, settings, key, body)
+        await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
+        return _generated(request, await _execute(request, key, job))
+
+    return await idempotent(request, key.id, handle)
 
 
 @router.post(
@@ -265,12 +289,14 @@ async def upscale(
     key: CurrentKey,
     catalog: CatalogDep,
     settings: SettingsDep,
-) -> JSONResponse:
-    job = await service.plan_upscale(catalog, settings, key, body, request.app.state.http)
-    outcome = await _execute(request, key, job)
-    image = outcome.images[0] if outcome.images else None
-    if image is None:
-        from app.errors import UpstreamError
+    _idempotency_key: IdempotencyKey = None,
+) -> Response:
+    async def handle() -> Response:
+        job = await service.plan_upscale(catalog, settings, key, body, request.app.state.http)
+        outcome = await _execute(request, key, job)
+        if not outcome.images:
+            raise UpstreamError("fal returned no image.")
+        image = _image_json(outcome.images[0])
+        return _metered(request, outcome, {"image": image, "cost": _cost(outcome)})
 
-        raise UpstreamError("fal returned no image.")
-    return _metered(request, outcome, {"image": _image_json(image), "cost": _cost(outcome)})
+    return await idempotent(request, key.id, handle)
