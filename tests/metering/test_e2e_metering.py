@@ -12,7 +12,6 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 import redis.asyncio as redis
 
 from app.redis import EmbeddedRedis
@@ -129,11 +128,6 @@ async def test_sigkilled_gateway_is_billed_for_what_fal_produced(
     assert (await usage(pair[0], key))["spent_usd"] == f"{total / 1_000_000:.6f}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the generation routes do not wrap their handlers in "
-    "app.metering.http.idempotent yet (remove this marker when they do)",
-)
 async def test_idempotent_replays_charge_once(
     deployment: Any, pair: Any, fresh_sandbox: Any
 ) -> None:
