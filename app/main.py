@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,11 +84,10 @@ async def _development_key(settings: Settings, keys: KeyService) -> str:
 
 
 def _banner(lines: list[str]) -> None:
-    width = 76
-    print("\n" + "=" * width, flush=True)
-    for line in lines:
-        print(f"  {line}", flush=True)
-    print("=" * width + "\n", flush=True)
+    """Printed to stderr, not logged: the log scrubber would (rightly) blank the dev key, and
+    stdout carries one JSON object per line."""
+    rule = "=" * 76
+    print("\n".join(["", rule, *(f"  {line}" for line in lines), rule, ""]), file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
@@ -168,12 +168,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)
+            token_generated = settings.admin_token is None
             _banner(
                 [
                     "falgate is running in SANDBOX MODE (no fal key): images come from the",
                     "built-in fal emulator and cost nothing real.",
                     f"Gateway:       http://{settings.host}:{settings.port}",
-                    f"Admin token:   {app.state.admin_token}",
+                    f"Admin token:   {app.state.admin_token}"
+                    if token_generated
+                    else "Admin token:   (FALGATE_ADMIN_TOKEN)",
                     f"API key (dev): {dev_key}",
                     "Try:",
                     f"  curl http://{settings.host}:{settings.port}/v1/generate \\",

@@ -69,6 +69,9 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()  # the request itself was cancelled (shutdown grace ran out): so is the work
+        raise
     finally:
         watcher.cancel()
     if not task.done():

@@ -8,7 +8,6 @@ settle the hold to the real cost of what fal returned, or release it on any fail
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,11 +222,20 @@ async def execute(
 ) -> Outcome:
     """Admit, forward and settle one job; the hold is released on every failure path."""
     with inflight.track():
-        return await _execute(job, key, request_id, meter=meter, gate=gate, fal=fal)
+        return await _execute(
+            job, key, request_id, meter=meter, gate=gate, fal=fal, inflight=inflight
+        )
 
 
 async def _execute(
-    job: Job, key: ApiKey, request_id: str, *, meter: Any, gate: Any, fal: Any
+    job: Job,
+    key: ApiKey,
+    request_id: str,
+    *,
+    meter: Any,
+    gate: Any,
+    fal: Any,
+    inflight: InflightTracker,
 ) -> Outcome:
     admission = await meter.admit(
         key_id=key.id,
@@ -247,11 +255,12 @@ async def _execute(
         async with gate.slot(key.id, request_id):
             result: UpstreamResult = await fal.run(job.call, on_submitted=on_submitted)
     except BaseException:
-        # Released even when the caller went away (cancellation): shield the release.
-        await asyncio.shield(meter.release(admission, "failed"))
+        # Released even when the caller went away (cancellation): the release is shielded,
+        # and counted in flight so a shutdown waits for it.
+        await inflight.shield(meter.release(admission, "failed"))
         raise
     images = filled_images(job, result)
-    settlement = await asyncio.shield(meter.settle(admission, actual_price(job, images)))
+    settlement = await inflight.shield(meter.settle(admission, actual_price(job, images)))
     record_settled(job.model_id, settlement.charged)
     return Outcome(
         job=job,

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import httpx
-import pytest
 
 
 def _wait_in_flight(gateway: Any) -> None:
@@ -64,11 +63,6 @@ def test_in_flight_generation_settles_before_exit(
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="app/generation/routes.py _until_disconnect must cancel the work task when the "
-    "request itself is cancelled; until then the work outlives the drain",
-)
 def test_generation_cut_off_by_the_grace_period_is_released(
     gateways: Any, gateway: Any, clean_sandbox: Any
 ) -> None:
