@@ -332,7 +332,7 @@ def _resp(*args: str) -> bytes:
     return b"".join(out)
 
 
-def ledger_summary(store: EmbeddedRedis, key_id: str) -> dict[str, int]:
+def ledger_summary(store: EmbeddedRedis, key_id: str) -> dict[str, Any]:
     """Ledger events by kind for one key, and the holds and in-flight slots still open."""
     client = redis.Redis.from_url(store.url)
     try:
@@ -349,13 +349,17 @@ def ledger_summary(store: EmbeddedRedis, key_id: str) -> dict[str, int]:
             start = "(" + last
             if len(page) < 10_000:
                 break
+        open_holds = client.hgetall(keyspace.holds(key_id))
         return {
             "hold": events["hold"],
             "settle": events["settle"],
             "release": events["release"],
             "other": sum(v for k, v in events.items() if k not in ("hold", "settle", "release")),
-            "open_holds": int(client.hlen(keyspace.holds(key_id))),
+            "open_holds": len(open_holds),
             "in_flight": int(client.hlen(keyspace.inflight(key_id))),
+            "open_hold_records": {  # a few, to diagnose
+                k.decode(): v.decode() for k, v in list(open_holds.items())[:5]
+            },
         }
     finally:
         client.close()

@@ -8,6 +8,8 @@ settle the hold to the real cost of what fal returned, or release it on any fail
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,6 +229,15 @@ async def execute(
         )
 
 
+async def _release_once_admitted(admitting: asyncio.Future[Any], meter: Any) -> None:
+    try:
+        admission = await admitting
+    except Exception:  # refused (401/402/429) or the store failed: nothing is held
+        return
+    with contextlib.suppress(Exception):  # the caller is gone; a failure here has no one to tell
+        await meter.release(admission, "cancelled")
+
+
 async def _execute(
     job: Job,
     key: ApiKey,
@@ -237,14 +248,24 @@ async def _execute(
     fal: Any,
     inflight: InflightTracker,
 ) -> Outcome:
-    admission = await meter.admit(
-        key_id=key.id,
-        request_id=request_id,
-        model=job.model_id,
-        operation=job.operation,
-        estimate=job.estimate,
-        endpoint=job.call.endpoint,
+    admitting = asyncio.ensure_future(
+        meter.admit(
+            key_id=key.id,
+            request_id=request_id,
+            model=job.model_id,
+            operation=job.operation,
+            estimate=job.estimate,
+            endpoint=job.call.endpoint,
+        )
     )
+    try:
+        admission = await inflight.shield(admitting)
+    except asyncio.CancelledError:
+        # The caller went away while admission was under way: the script may have placed the
+        # hold already, and nothing else would ever release it (nor free its in-flight slot)
+        # while this process lives. Let it finish, then give the hold back.
+        await inflight.shield(_release_once_admitted(admitting, meter))
+        raise
     upstream_id: list[str] = []
 
     async def on_submitted(fal_request_id: str) -> None:

@@ -61,7 +61,7 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
         assert redis["admitted"] > 0 and redis["commands_total"] > 0
         ledger = result["ledger"][mode]
         assert ledger["hold"] > 0
-        assert ledger["open_holds"] == 0 and ledger["in_flight"] == 0  # nothing left open
+        assert ledger["open_holds"] == 0 and ledger["in_flight"] == 0, (mode, ledger)  # none open
         assert ledger["hold"] == ledger["settle"] + ledger["release"]
         # Every 2xx was settled; the only releases are requests wrk cut off at its deadline.
         assert ledger["settle"] >= ledger["responses_2xx"] > 0
