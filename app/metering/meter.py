@@ -267,7 +267,7 @@ class Meter:
         if not meta:
             raise NotFound(f"Unknown key '{key_id}'.")
         counters = {text(k): _int(v) for k, v in raw_budget.items()}
-        period = meta.get("budget_period") or "monthly"
+        period = meta.get("budget_period") or "total"  # as admit.lua reads it
         starts = PeriodStarts.at(now)
         spent = counters.get(
             {"daily": f"d:{starts.day}", "monthly": f"m:{starts.month}"}.get(period, "total"), 0
