@@ -35,6 +35,9 @@ if op == 'begin' then
   if rec[1] == 'done' then
     return {'done', rec[6], rec[7], rec[8]}
   end
+  if rec[3] == ARGV[3] then
+    return {'new'}  -- our own record: a retried call (e.g. after a socket timeout)
+  end
   if ARGV[6] ~= '' and rec[3] == ARGV[6] then
     return start(ARGV[2], ARGV[3], ARGV[4], ARGV[5])
   end

@@ -105,3 +105,10 @@ async def test_bad_idempotency_keys_are_refused(store: IdempotencyStore) -> None
     for bad in ("", "x" * 256, "tab\there"):
         with pytest.raises(InvalidRequest):
             await begin(store, idempotency_key=bad)
+
+
+async def test_a_retried_begin_of_the_same_request_is_not_a_duplicate(
+    store: IdempotencyStore,
+) -> None:
+    assert isinstance(await begin(store), IdempotencyTicket)
+    assert isinstance(await begin(store), IdempotencyTicket)  # same request id
