@@ -254,7 +254,7 @@ class FalClient:
                 return await self._run_queued(call, on_submitted, submitted)
         except TimeoutError as exc:
             if submitted:
-                await self._cancel_quietly(call.endpoint, submitted[0])
+                await asyncio.shield(self._cancel_quietly(call.endpoint, submitted[0]))
             raise UpstreamTimeout(f"fal did not finish within {deadline:g}s.") from exc
         except asyncio.CancelledError:
             if submitted:
