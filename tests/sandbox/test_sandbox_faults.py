@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.sandbox import SandboxControl
+from app.sandbox import FaultRule, SandboxConfig, SandboxControl, embedded_sandbox
 
 FLUX = "fal-ai/flux/dev"
 BODY = {"prompt": "x", "image_size": "square"}
@@ -196,3 +196,18 @@ async def test_bad_config_is_refused(control: SandboxControl) -> None:
         with pytest.raises(httpx.HTTPStatusError) as caught:
             await control.configure(**changes)
         assert caught.value.response.status_code == 422
+
+
+async def test_faults_and_latency_from_the_constructor() -> None:
+    config = SandboxConfig(
+        latency_ms=0, faults=[FaultRule(kind="error", scope="run", status_code=503, count=1)]
+    )
+    async with embedded_sandbox(config=config) as url, SandboxControl(url) as ctl:
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(":0")
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Key k"}) as fal:
+            assert (await fal.post(f"/{FLUX}", json=BODY)).status_code == 503
+            assert (await fal.post(f"/{FLUX}", json=BODY)).status_code == 200
+            # A reset goes back to the constructor's config, fault counter included.
+            await ctl.reset()
+            assert (await fal.post(f"/{FLUX}", json=BODY)).status_code == 503
+        assert (await ctl.config())["latency_ms"] == 0
