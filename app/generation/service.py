@@ -152,9 +152,10 @@ async def prepare_transform_input(job: Job, image_url: str, settings: Settings, 
     from app.images import fit_to_size, load_input_image, to_data_uri
 
     image = await load_input_image(image_url, settings, client=http)
-    fitted = fit_to_size(image, *job.image_size)
+    # Decoding and resizing take milliseconds to seconds of CPU: keep them off the event loop.
+    fitted = await asyncio.to_thread(fit_to_size, image, *job.image_size)
     args = dict(job.call.arguments)
-    args["image_url"] = to_data_uri(fitted)
+    args["image_url"] = await asyncio.to_thread(to_data_uri, fitted)
     job.call = UpstreamCall(endpoint=job.call.endpoint, arguments=args)
 
 
@@ -176,7 +177,7 @@ async def plan_upscale(
         )
     call = upscale_call(
         upscaler,
-        image_url=to_data_uri(image),
+        image_url=await asyncio.to_thread(to_data_uri, image),
         scale=body.scale,
         output_format=body.output_format,
     )

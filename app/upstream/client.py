@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -31,6 +32,7 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from app.ops.metrics import observe_upstream
 from app.settings import Settings
 from app.upstream.types import (
     GeneratedImage,
@@ -49,6 +51,12 @@ _NAMESPACES = ("workflows", "comfy")
 _MAX_BACKOFF_S = 10.0
 _CANCEL_TIMEOUT_S = 10.0
 _UNAVAILABLE = "The image generation service is temporarily unavailable."
+# Upstream latency metric outcomes, by the error a call ended with.
+_OUTCOMES: dict[type[FalgateError], str] = {
+    InvalidRequest: "invalid",
+    Unavailable: "unavailable",
+    UpstreamTimeout: "timeout",
+}
 
 Phase = Literal["run", "submit", "status", "result", "cancel"]
 
@@ -240,6 +248,24 @@ class FalClient:
         ``fal_run_url``; ``on_submitted`` is not called since fal's id only arrives with the
         result, and dropping the connection is how fal is told to stop.
         """
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            result = await self._run(call, on_submitted, timeout_s)
+            outcome = "ok"
+            return result
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except FalgateError as exc:
+            outcome = _OUTCOMES.get(type(exc), "error")
+            raise
+        finally:
+            observe_upstream(call.endpoint, outcome, time.monotonic() - started)
+
+    async def _run(
+        self, call: UpstreamCall, on_submitted: OnSubmitted | None, timeout_s: float | None
+    ) -> UpstreamResult:
         deadline = timeout_s if timeout_s is not None else self._settings.upstream_request_timeout_s
         if self._settings.upstream_mode == "sync":
             try:

@@ -76,6 +76,9 @@ def test_generation_is_logged_once_and_counted(gateway: Any) -> None:
         'route="/v1/generate",status="200"}'
     ) in metrics
     assert 'falgate_settled_micro_usd_total{model="fal-ai/flux/dev"}' in metrics
+    assert (
+        'falgate_upstream_request_duration_seconds_count{endpoint="fal-ai/flux/dev",outcome="ok"}'
+    ) in metrics
 
 
 def test_the_gateway_runs_on_a_redis_cluster(gateways: Any, redis_cluster: RedisTopology) -> None:
