@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.catalog import Catalog, Price, price_images
 from app.catalog.adapters import image_to_image_call, text_to_image_call, upscale_call
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.errors import InvalidRequest, PayloadTooLarge, Unavailable, UpstreamError
 from app.generation.schemas import (
     GenerateRequest,
     TransformRequest,
@@ -29,6 +31,9 @@ from app.settings import Settings
 from app.upstream.types import GeneratedImage, UpstreamCall, UpstreamResult
 
 GENERATE, TRANSFORM, UPSCALE = "generate", "transform", "upscale"
+SETTLE_RETRY_S = 10.0
+
+log = logging.getLogger("falgate.generation")
 
 
 @dataclass
@@ -213,6 +218,21 @@ def actual_price(job: Job, images: list[GeneratedImage]) -> Price:
     return price_images(sizes, job.estimate.unit_price)
 
 
+async def _settle(meter: Any, admission: Any, actual: Price) -> Any:
+    """Settle, retrying through a short Redis outage: fal has done (and billed) the work, so
+    giving up early would leave the charge to the sweeper's much later age rule."""
+    delay = 0.05
+    deadline = time.monotonic() + SETTLE_RETRY_S
+    while True:
+        try:
+            return await meter.settle(admission, actual)
+        except Unavailable:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 async def execute(
     job: Job,
     key: ApiKey,
@@ -271,7 +291,16 @@ async def _execute(
 
     async def on_submitted(fal_request_id: str) -> None:
         upstream_id.append(fal_request_id)
-        await meter.attach_upstream(admission, fal_request_id)
+        try:
+            attached = await meter.attach_upstream(admission, fal_request_id)
+        except Unavailable:
+            # fal has the job and the hold is in place: carry on and settle at the end. Only a
+            # crash before that would leave the sweeper unable to ask fal for the outcome.
+            log.warning("could not record fal's request id %s", fal_request_id)
+            return
+        if attached is False:
+            # A sweeper already resolved this hold: nothing could bill the job, so stop it.
+            raise UpstreamError("The request's hold expired before fal accepted it.")
 
     try:
         async with gate.slot(key.id, request_id):
@@ -282,7 +311,7 @@ async def _execute(
         await inflight.shield(meter.release(admission, "failed"))
         raise
     images = filled_images(job, result)
-    settlement = await inflight.shield(meter.settle(admission, actual_price(job, images)))
+    settlement = await inflight.shield(_settle(meter, admission, actual_price(job, images)))
     record_settled(job.model_id, settlement.charged)
     return Outcome(
         job=job,

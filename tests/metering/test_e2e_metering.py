@@ -209,3 +209,34 @@ async def test_redis_restart_is_503_then_recovers(
     produced = {r["request_id"]: r for r in deployment.sandbox_requests()}
     billed = {e["upstream_request_id"] for e in ledger if e["event"] == "settle"}
     assert billed == produced.keys(), (ledger, produced)
+
+
+async def test_redis_blip_while_fal_works_is_still_billed(
+    deployment: Any, pair: Any, fresh_sandbox: Any
+) -> None:
+    """Redis goes away after the hold and comes back before fal finishes: the request
+    succeeds and is settled exactly (the settle retries through the outage)."""
+    gateway = pair[0]
+    key_id, key = await deployment.create_key(gateway, budget_usd="1")
+    deployment.configure_sandbox(latency_ms=1500)
+    async with gateway.client(key) as client:
+        request = asyncio.ensure_future(client.post("/v1/generate", json=BODY))
+        for _ in range(100):  # wait until fal has the job
+            if deployment.sandbox_requests():
+                break
+            await asyncio.sleep(0.02)
+        assert deployment.sandbox_requests()
+        old = deployment.redis
+        old.stop()
+        await asyncio.sleep(0.5)
+        restarted = EmbeddedRedis(old.data_dir, port=old.port, persist=True)
+        restarted.password = old.password
+        restarted.start()
+        deployment.redis = restarted
+        response = await request
+    assert response.status_code == 200, response.text
+    assert response.headers["x-cost-usd"] == f"0.{SQUARE_COST:06d}"
+    final = await settled_until_quiet(deployment, gateway, key)
+    assert final["spent_usd"] == f"0.{SQUARE_COST:06d}"
+    ledger = await deployment.ledger(gateway, key_id)
+    assert [e["event"] for e in ledger] == ["hold", "settle"]
