@@ -118,21 +118,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if settings.sandbox_url is not None:
                 base = settings.sandbox_url
             else:
-                from app.sandbox import embedded_sandbox
+                from app.sandbox import SandboxConfig, embedded_sandbox
 
+                config = SandboxConfig(
+                    latency_ms=settings.sandbox_latency_ms,
+                    public_url=settings.sandbox_public_url,
+                )
                 base = await stack.enter_async_context(
-                    embedded_sandbox(
-                        settings.sandbox_host,
-                        settings.sandbox_port,
-                        latency_ms=settings.sandbox_latency_ms,
-                    )
+                    embedded_sandbox(settings.sandbox_host, settings.sandbox_port, config=config)
                 )
             base = base.rstrip("/")
-            sandbox_host = base.split("://", 1)[1].split("/", 1)[0]
             # The sandbox's own file URLs may be fetched, so a generated image can be upscaled.
+            sandbox_hosts = [_host_port(url) for url in (base, settings.sandbox_public_url) if url]
             settings = settings.model_copy(
                 update={
-                    "image_fetch_allow_hosts": [*settings.image_fetch_allow_hosts, sandbox_host]
+                    "image_fetch_allow_hosts": [*settings.image_fetch_allow_hosts, *sandbox_hosts]
                 }
             )
             app.state.settings = settings
@@ -168,7 +168,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)
-            token_generated = settings.admin_token is None
+            token_generated = not (
+                settings.admin_token is not None and settings.admin_token.get_secret_value()
+            )
             _banner(
                 [
                     "falgate is running in SANDBOX MODE (no fal key): images come from the",
@@ -186,6 +188,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             )
         yield
         await app.state.inflight.drain(settings.shutdown_grace_s)
+
+
+def _host_port(url: str) -> str:
+    """``http://127.0.0.1:8100/x`` -> ``127.0.0.1:8100``, as the image allow-list names hosts."""
+    return url.split("://", 1)[-1].split("/", 1)[0].lower()
 
 
 def _known_models(app: FastAPI) -> set[str]:

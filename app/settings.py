@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     sandbox_host: str = "127.0.0.1"
     sandbox_port: int = 0
     sandbox_latency_ms: int = 300
+    sandbox_public_url: str | None = None
 
     # --- request limits ----------------------------------------------------
     max_output_megapixels: Decimal = Decimal("4.2")

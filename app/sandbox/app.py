@@ -186,7 +186,7 @@ class Sandbox:
             endpoint=endpoint,
             protocol="sync" if protocol == "sync" else "queue",
             arguments=arguments,
-            base_url=str(request.base_url).rstrip("/"),
+            base_url=(self.state.config.public_url or str(request.base_url)).rstrip("/"),
             start_timeout_s=start_timeout,
         )
         job.task = asyncio.create_task(self.process(job), name=f"sandbox-{job.request_id}")

@@ -102,3 +102,9 @@ class SandboxConfig(BaseModel):
     max_output_pixels: int = Field(
         default=80_000_000, ge=1, description="Largest image the sandbox will draw."
     )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL that clients use for generated files (default: the URL the "
+        "request came in on). Set it when the sandbox is reached under another name, e.g. "
+        "inside a container.",
+    )

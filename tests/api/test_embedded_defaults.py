@@ -71,3 +71,43 @@ def test_serve_with_embedded_defaults(tmp_path: Path) -> None:
     assert (tmp_path / ".falgate" / "appendonly.aof").exists() or any(
         (tmp_path / ".falgate").glob("appendonly*")
     )
+
+
+def test_sandbox_public_url_names_the_image_files(tmp_path: Path) -> None:
+    port, sandbox_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALGATE_")}
+    env.pop("FAL_KEY", None)
+    env.update(
+        {
+            "FALGATE_PORT": str(port),
+            "FALGATE_SANDBOX_LATENCY_MS": "0",
+            "FALGATE_SANDBOX_PORT": str(sandbox_port),
+            "FALGATE_SANDBOX_PUBLIC_URL": f"http://localhost:{sandbox_port}",
+            "FALGATE_ADMIN_TOKEN": "",  # empty counts as unset, as compose passes it
+        }
+    )
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/healthz", proc, log)
+        dev_key = (tmp_path / ".falgate" / "dev_key").read_text()
+        assert (tmp_path / ".falgate" / "admin_token").read_text() in log.read_text()
+        headers = {"Authorization": f"Bearer {dev_key}"}
+        response = httpx.post(f"{url}/v1/generate", json={"prompt": "x"}, headers=headers)
+        image_url = response.json()["images"][0]["url"]
+        assert image_url.startswith(f"http://localhost:{sandbox_port}/files/")
+        assert httpx.get(image_url).status_code == 200
+        upscaled = httpx.post(
+            f"{url}/v1/upscale", json={"image_url": image_url}, headers=headers, timeout=30
+        )
+        assert upscaled.status_code == 200, upscaled.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
