@@ -226,9 +226,13 @@ async def _settle(meter: Any, admission: Any, actual: Price) -> Any:
     while True:
         try:
             return await meter.settle(admission, actual)
-        except Unavailable:
+        except Unavailable as exc:
             if time.monotonic() + delay > deadline:
-                raise
+                raise Unavailable(
+                    "The images were generated but the gateway's state store is unavailable; "
+                    "the charge will be recorded when it is back. Try again shortly.",
+                    headers={"Retry-After": "1"},
+                ) from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

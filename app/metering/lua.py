@@ -15,6 +15,7 @@ from typing import Any
 import redis.exceptions
 
 from app.errors import Unavailable
+from app.ops.metrics import record_redis_error
 
 #: Redis replies meaning "not now" rather than "your command is wrong".
 _TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY")
@@ -54,6 +55,7 @@ def store_errors(what: str = "The metering store") -> Iterator[None]:
     except (redis.exceptions.RedisError, OSError) as exc:
         if not is_transient(exc):
             raise
+        record_redis_error("metering")
         raise Unavailable(
             f"{what} is unavailable; nothing was charged. Try again shortly.",
             headers={"Retry-After": "1"},
