@@ -42,6 +42,7 @@ from app.upstream.types import OutcomeState, UpstreamOutcome
 log = logging.getLogger("falgate.sweeper")
 
 _BATCH = 200
+_STOP_TIMEOUT_S = 5.0
 
 
 class OutcomeSource(Protocol):
@@ -83,6 +84,7 @@ class Sweeper:
         )
         self._claim = LuaScript(redis, __package__, "claim.lua")
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     # --- lease -------------------------------------------------------------------------
 
@@ -101,13 +103,19 @@ class Sweeper:
 
     async def stop(self) -> None:
         """Stop the loop and give up the lease, so others resolve anything left at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # Bounded: a cancellation swallowed somewhere below (a library turning it into a
+            # timeout) must not hang shutdown; the loop also checks ``_stopped``.
+            done, _ = await asyncio.wait({task}, timeout=_STOP_TIMEOUT_S)
+            if not done:
+                log.warning("the sweeper loop did not stop within %ss", _STOP_TIMEOUT_S)
         with contextlib.suppress(Exception):
-            await self.redis.delete(keyspace.process_lease(self.process_id))
+            await asyncio.wait_for(
+                self.redis.delete(keyspace.process_lease(self.process_id)), _STOP_TIMEOUT_S
+            )
 
     async def run(self) -> None:
         """Heartbeat every third of a lease; sweep every ``sweeper_interval_s`` (jittered)."""
@@ -117,7 +125,7 @@ class Sweeper:
         # After Redis was unreachable every lease may have run out, live processes' too: give
         # them a full lease to renew before treating anyone as dead.
         sweep_not_before = loop.time()
-        while True:
+        while not self._stopped:
             try:
                 try:
                     await self.heartbeat()

@@ -75,13 +75,16 @@ class UpstreamGate:
     async def slot(self, key_id: str, request_id: str) -> AsyncIterator[None]:
         """Hold one upstream slot for the duration of the block (waiting for it if needed)."""
         await self.acquire(key_id, request_id)
-        renewer = asyncio.create_task(self._renew(request_id))
+        done = asyncio.Event()
+        renewer = asyncio.create_task(self._renew(request_id, done))
         try:
             yield
         finally:
+            done.set()
             renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            # Bounded, and the loop checks ``done``: a cancellation that a library turns into
+            # a timeout must not keep the renewer (and this request) alive.
+            await asyncio.wait({renewer}, timeout=1.0)
             await asyncio.shield(self.release(request_id))
 
     async def acquire(self, key_id: str, request_id: str) -> None:
@@ -114,8 +117,8 @@ class UpstreamGate:
         except Unavailable as exc:
             log.warning("could not release upstream slot %s: %s", request_id, exc.__cause__)
 
-    async def _renew(self, request_id: str) -> None:
-        while True:
+    async def _renew(self, request_id: str, done: asyncio.Event) -> None:
+        while not done.is_set():
             await asyncio.sleep(self.lease_ms / 3000)
             try:
                 await self._call("renew", request_id)
