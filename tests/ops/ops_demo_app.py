@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 
 from app.errors import Unavailable, add_exception_handlers
-from app.ops import install_ops
+from app.ops.install import install_ops
 from app.ops.shutdown import InflightTracker
 from app.settings import Settings
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from app.errors import BudgetExceeded, RateLimited, add_exception_handlers
-from app.ops import install_ops
+from app.ops.install import install_ops
 from app.ops.metrics import HoldsSnapshot, observe_upstream, record_redis_error, record_settled
 from app.ops.redis_topology import redis_from_url
 from app.settings import Settings
