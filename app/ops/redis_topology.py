@@ -33,7 +33,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.settings import Settings
 
@@ -130,6 +133,10 @@ def _connection_kwargs(settings: Settings) -> dict[str, Any]:
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        # One immediate retry on a broken connection: after a Redis restart every pooled
+        # connection is stale and would otherwise fail one request each. Timeouts are not
+        # retried (the command may have run), so an outage still answers 503 quickly.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     }
 
 
