@@ -68,7 +68,9 @@ def render(result: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---|",
         ]
         for mode, row in redis.items():
-            detail = ", ".join(f"{k} {v:.2f}" for k, v in row["by_command_per_request"].items())
+            detail = ", ".join(
+                f"{k} {v:.2f}" for k, v in row["by_command_per_request"].items() if v >= 0.005
+            )
             lines.append(
                 f"| {mode} | {row['admitted']} | {row['per_request']:.2f} "
                 f"| {row.get('round_trips_per_request', 0):.2f} | {detail} |"
@@ -76,12 +78,16 @@ def render(result: dict[str, Any]) -> str:
         lines.append("")
     memory = result.get("memory")
     if memory:
-        samples = " → ".join(f"{s['rss_mib']:.1f}" for s in memory["samples"])
+        points = memory["samples"]
+        if len(points) > 6:  # first, last and four between
+            step = (len(points) - 1) / 5
+            points = [points[round(i * step)] for i in range(6)]
+        samples = ", ".join(f"{p['rss_mib']:.1f} at {p['requests'] // 1000}k" for p in points)
         lines += [
             f"Gateway RSS ({memory['mode']} mode): {memory['rss_idle_mib']:.1f} MiB idle at "
             f"start, {memory['rss_before_mib']:.1f} MiB after warm-up, "
             f"{memory['rss_after_mib']:.1f} MiB after {memory['requests']} more requests "
-            f"(samples in MiB: {samples}).",
+            f"(MiB at requests served: {samples}).",
             "",
         ]
     lines += ["| target | goal | measured | |", "|---|---|---:|---|"]
