@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import redis
@@ -334,22 +334,23 @@ def _resp(*args: str) -> bytes:
 
 def ledger_summary(store: EmbeddedRedis, key_id: str) -> dict[str, Any]:
     """Ledger events by kind for one key, and the holds and in-flight slots still open."""
-    client = redis.Redis.from_url(store.url)
+    client = redis.Redis.from_url(store.url, decode_responses=True)
     try:
         events: Counter[str] = Counter()
         stream = keyspace.ledger(key_id)
         start = "-"
         while True:
-            page = client.xrange(stream, min=start, max="+", count=10_000)
+            page: list[tuple[str, dict[str, str]]] = cast(
+                Any, client.xrange(stream, min=start, max="+", count=10_000)
+            )
             if not page:
                 break
             for _, entry in page:
-                events[entry.get(b"event", b"?").decode()] += 1
-            last = page[-1][0].decode()
-            start = "(" + last
+                events[entry.get("event", "?")] += 1
+            start = "(" + page[-1][0]
             if len(page) < 10_000:
                 break
-        open_holds = client.hgetall(keyspace.holds(key_id))
+        open_holds: dict[str, str] = cast(Any, client.hgetall(keyspace.holds(key_id)))
         return {
             "hold": events["hold"],
             "settle": events["settle"],
@@ -357,9 +358,7 @@ def ledger_summary(store: EmbeddedRedis, key_id: str) -> dict[str, Any]:
             "other": sum(v for k, v in events.items() if k not in ("hold", "settle", "release")),
             "open_holds": len(open_holds),
             "in_flight": int(client.hlen(keyspace.inflight(key_id))),
-            "open_hold_records": {  # a few, to diagnose
-                k.decode(): v.decode() for k, v in list(open_holds.items())[:5]
-            },
+            "open_hold_records": dict(list(open_holds.items())[:5]),  # a few, to diagnose
         }
     finally:
         client.close()
