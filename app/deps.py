@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -90,7 +90,3 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 KeysDep = Annotated[KeyService, Depends(get_keys)]
 AdminDep = Depends(require_admin)
-
-
-def state(request: Request, name: str) -> Any:
-    return getattr(request.app.state, name)

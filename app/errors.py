@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -214,6 +215,17 @@ def add_exception_handlers(app: FastAPI) -> None:
             mapped.status_code = exc.status_code
             mapped.type = "invalid_request" if exc.status_code < 500 else "internal_error"
         return error_response(request, mapped)
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+        # Any route that reaches Redis outside the metering layer (admin, keys, reports).
+        log.warning("Redis unavailable: %s", type(exc).__name__)
+        unavailable = Unavailable(
+            "The gateway's state store is unavailable; try again shortly.",
+            headers={"Retry-After": "1"},
+        )
+        return error_response(request, unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
