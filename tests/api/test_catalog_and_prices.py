@@ -68,7 +68,11 @@ def test_models_route(client: httpx.Client) -> None:
 
 
 def test_openapi_document(gateway: Gateway) -> None:
+    from openapi_spec_validator import validate
+
     doc = httpx.get(gateway.url + "/openapi.json").json()
+    validate(doc)  # a valid OpenAPI 3.1 document, so client generators accept it
+    assert "HTTPValidationError" not in httpx.get(gateway.url + "/openapi.json").text
     ops = {
         op["operationId"]
         for path in doc["paths"].values()
@@ -78,8 +82,18 @@ def test_openapi_document(gateway: Gateway) -> None:
     assert ops >= {
         "run", "priceRun", "generate", "priceGenerate", "transform", "priceTransform",
         "upscale", "priceUpscale", "listModels", "getUsage", "createKey", "listKeys",
-        "getKey", "updateKey", "revokeKey",
+        "getKey", "updateKey", "revokeKey", "getUsageReport", "exportLedger",
+        "getHealth", "getReadiness", "getMetrics",
     }  # fmt: skip
+    # Every operation documents its errors with the envelope.
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if path.startswith(("/v1/", "/admin/")):
+                errors = [c for c in op["responses"] if c.startswith(("4", "5"))]
+                assert errors, (method, path)
+                for code in errors:
+                    ref = op["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+                    assert ref.endswith("/ErrorEnvelope"), (method, path, code)
     generate = doc["paths"]["/v1/generate"]["post"]
     assert "402" in generate["responses"] and "429" in generate["responses"]
     schemas = doc["components"]["schemas"]
