@@ -207,6 +207,10 @@ class FalClient:
             limits=httpx.Limits(
                 max_connections=max(s.upstream_max_concurrent * 2, 10),
                 max_keepalive_connections=max(s.upstream_max_concurrent, 10),
+                # Shorter than servers' idle timeouts (uvicorn's is 5 s, like httpx's default),
+                # so a pooled connection is never reused just as the server closes it: a POST
+                # lost that way cannot safely be retried.
+                keepalive_expiry=2.0,
             ),
             follow_redirects=False,
             transport=self._transport,
