@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import secrets
@@ -89,6 +90,12 @@ def _tail(log: Path) -> str:
         return ""
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the child if the benchmark itself is killed outright."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _spawn(
     name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -100,6 +107,7 @@ def _spawn(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env if env is not None else dict(os.environ),
+        preexec_fn=_die_with_parent,
     )
     return proc, log
 
