@@ -101,6 +101,14 @@ class UpstreamError(FalgateError):
     type = "upstream_error"
 
 
+class ClientClosedRequest(FalgateError):
+    """The caller went away before the answer (nginx's 499): nobody reads this response; it
+    exists so the access log and metrics record the request plainly, not as a crash."""
+
+    status_code = 499
+    type = "client_closed_request"
+
+
 class Unavailable(FalgateError):
     status_code = 503
     type = "unavailable"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.catalog import Price
 from app.deps import CatalogDep, CurrentKey, SettingsDep
-from app.errors import UpstreamError, request_id_of
+from app.errors import ClientClosedRequest, UpstreamError, request_id_of
 from app.generation import service
 from app.generation.schemas import (
     GenerateRequest,
@@ -76,11 +77,9 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
     if not task.done():
         task.cancel()
-        try:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
-        raise asyncio.CancelledError
+        raise ClientClosedRequest("The client closed the connection before the answer.")
     return task.result()
 
 

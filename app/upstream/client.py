@@ -50,6 +50,7 @@ _VALIDATION_STATUSES = frozenset({400, 404, 422})
 _NAMESPACES = ("workflows", "comfy")
 _MAX_BACKOFF_S = 10.0
 _CANCEL_TIMEOUT_S = 10.0
+_FIRST_POLL_S = 0.01
 _UNAVAILABLE = "The image generation service is temporarily unavailable."
 # Upstream latency metric outcomes, by the error a call ended with.
 _OUTCOMES: dict[type[FalgateError], str] = {
@@ -381,6 +382,9 @@ class FalClient:
                 raise
 
         base = self._request_url(call.endpoint, request_id)
+        # Poll quickly at first, backing off to the configured interval: a fast job is not
+        # kept waiting a whole interval, a slow one costs a handful of extra status calls.
+        delay = min(_FIRST_POLL_S, self._settings.upstream_poll_interval_s)
         while True:
             response = await self._send("GET", base + "/status", phase="status")
             if response.status_code not in (200, 202):
@@ -388,7 +392,8 @@ class FalClient:
             status = _body_of(response)
             if isinstance(status, Mapping) and status.get("status") == "COMPLETED":
                 break
-            await asyncio.sleep(self._settings.upstream_poll_interval_s)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._settings.upstream_poll_interval_s)
 
         # A failed request is COMPLETED too; its result carries the model's error.
         response = await self._send("GET", base, phase="result")
