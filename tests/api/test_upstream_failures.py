@@ -15,28 +15,26 @@ from tests.conftest import Gateway, GatewayFactory, Sandbox
 FAL_SECRET = "fal-central-id:fal-central-secret-DO-NOT-LEAK"
 
 
+# Short upstream timeouts and quick retries, so every failure path is reached in seconds.
+FAST_FAILURES = {
+    "FALGATE_UPSTREAM_REQUEST_TIMEOUT_S": "3",
+    "FALGATE_UPSTREAM_READ_TIMEOUT_S": "1.5",
+    "FALGATE_UPSTREAM_RETRY_BACKOFF_S": "0.01",
+    "FALGATE_UPSTREAM_MAX_RETRIES": "2",
+}
+
+
 @pytest.fixture(scope="module")
 def faulty(gateways: GatewayFactory) -> Iterator[Gateway]:
-    """A gateway with short upstream timeouts and quick retries, in queue mode."""
-    gateway = gateways.start(
-        FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="3",
-        FALGATE_UPSTREAM_READ_TIMEOUT_S="1.5",
-        FALGATE_UPSTREAM_RETRY_BACKOFF_S="0.01",
-        FALGATE_UPSTREAM_MAX_RETRIES="2",
-    )
+    """A gateway in queue mode with fast failures."""
+    gateway = gateways.start(**FAST_FAILURES)
     yield gateway
     gateway.stop()
 
 
 @pytest.fixture(scope="module")
 def faulty_sync(gateways: GatewayFactory) -> Iterator[Gateway]:
-    gateway = gateways.start(
-        FALGATE_UPSTREAM_MODE="sync",
-        FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="3",
-        FALGATE_UPSTREAM_READ_TIMEOUT_S="1.5",
-        FALGATE_UPSTREAM_RETRY_BACKOFF_S="0.01",
-        FALGATE_UPSTREAM_MAX_RETRIES="2",
-    )
+    gateway = gateways.start(FALGATE_UPSTREAM_MODE="sync", **FAST_FAILURES)
     yield gateway
     gateway.stop()
 

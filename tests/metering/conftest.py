@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from app.catalog.pricing import Price
 from app.redis import EmbeddedRedis, free_port
 from app.settings import Settings
+from tests.conftest import _stop, _wait_http
 
 
 @pytest.fixture(scope="session")
@@ -139,30 +140,6 @@ ADMIN = "metering-admin-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def _wait_up(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
-
-
-def _terminate(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @dataclass
 class GatewayProcess:
     url: str
@@ -175,7 +152,7 @@ class GatewayProcess:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60, limits=limits)
 
     def kill(self) -> None:
-        _terminate(self.proc, signal.SIGKILL)
+        _stop(self.proc, signal.SIGKILL)
 
 
 @dataclass
@@ -217,7 +194,7 @@ class Deployment:
             env=full_env,
         )
         gateway = GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
-        _wait_up(f"{gateway.url}/healthz", proc, log)
+        _wait_http(f"{gateway.url}/healthz", proc, log)
         self.started.append(gateway)
         return gateway
 
@@ -250,8 +227,8 @@ class Deployment:
 
     def stop(self) -> None:
         for gateway in self.started:
-            _terminate(gateway.proc)
-        _terminate(self.sandbox_proc)
+            _stop(gateway.proc)
+        _stop(self.sandbox_proc)
         self.redis.stop()
 
 
@@ -269,7 +246,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         stderr=subprocess.STDOUT,
     )
     sandbox_url = f"http://127.0.0.1:{port}"
-    _wait_up(f"{sandbox_url}/_sandbox/requests", proc, log)
+    _wait_http(f"{sandbox_url}/_sandbox/requests", proc, log)
     deployed = Deployment(tmp, redis_server, sandbox_url, proc)
     try:
         yield deployed
