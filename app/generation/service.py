@@ -25,6 +25,7 @@ from app.generation.schemas import (
     image_dimensions,
 )
 from app.keys.service import ApiKey
+from app.metering.lua import run_together
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
 from app.settings import Settings
@@ -254,13 +255,78 @@ async def execute(
         )
 
 
-async def _release_once_admitted(admitting: asyncio.Future[Any], meter: Any) -> None:
+async def _admit_and_reserve(job: Job, key: ApiKey, request_id: str, meter: Any, gate: Any) -> Any:
+    """Admission and a first try for an upstream slot, in ONE Redis round trip.
+
+    The two scripts live on different Cluster slots so they cannot be one script; they are
+    pipelined instead. Refused requests give the slot straight back; a slot not granted at once
+    is waited for (polling) only after the request was admitted.
+    """
+    admit_reply, gate_reply = await run_together(
+        meter.redis,
+        meter.admit_call(
+            key_id=key.id,
+            request_id=request_id,
+            model=job.model_id,
+            operation=job.operation,
+            estimate=job.estimate,
+            endpoint=job.call.endpoint,
+        ),
+        gate.acquire_call(key.id, request_id),
+    )
+    try:
+        admission = meter.admission_from(
+            admit_reply,
+            key_id=key.id,
+            request_id=request_id,
+            model=job.model_id,
+            operation=job.operation,
+            estimate=job.estimate,
+            endpoint=job.call.endpoint,
+        )
+    except BaseException:
+        await asyncio.shield(gate.release(request_id))
+        raise
+    if not gate.granted(gate_reply):
+        try:
+            await gate.acquire(key.id, request_id)
+        except BaseException:
+            await asyncio.shield(_release_all(meter, gate, admission, "failed"))
+            raise
+    return admission
+
+
+async def _release_all(meter: Any, gate: Any, admission: Any, reason: str) -> None:
+    """Give back the slot and the hold, in one round trip (failure and cancellation paths)."""
+    _, hold_reply = await run_together(
+        meter.redis, gate.release_call(admission.request_id), meter.release_call(admission, reason)
+    )
+    meter.settlement_from(hold_reply)
+
+
+async def _release_once_admitted(admitting: asyncio.Future[Any], meter: Any, gate: Any) -> None:
     try:
         admission = await admitting
     except Exception:  # refused (401/402/429) or the store failed: nothing is held
         return
     with contextlib.suppress(Exception):  # the caller is gone; a failure here has no one to tell
-        await meter.release(admission, "cancelled")
+        await _release_all(meter, gate, admission, "cancelled")
+
+
+async def _settle_and_free(meter: Any, gate: Any, admission: Any, actual: Price) -> Any:
+    """Settle the hold and free the upstream slot in one round trip; if Redis is briefly
+    unreachable, keep trying to settle (the slot's lease frees it anyway)."""
+    try:
+        _, settle_reply = await run_together(
+            meter.redis,
+            gate.release_call(admission.request_id),
+            meter.settle_call(admission, actual),
+        )
+        return meter.settlement_from(settle_reply)
+    except Unavailable:
+        with contextlib.suppress(Unavailable):
+            await gate.release(admission.request_id)
+        return await _settle(meter, admission, actual)
 
 
 async def _execute(
@@ -273,23 +339,14 @@ async def _execute(
     fal: Any,
     inflight: InflightTracker,
 ) -> Outcome:
-    admitting = asyncio.ensure_future(
-        meter.admit(
-            key_id=key.id,
-            request_id=request_id,
-            model=job.model_id,
-            operation=job.operation,
-            estimate=job.estimate,
-            endpoint=job.call.endpoint,
-        )
-    )
+    admitting = asyncio.ensure_future(_admit_and_reserve(job, key, request_id, meter, gate))
     try:
         admission = await inflight.shield(admitting)
     except asyncio.CancelledError:
         # The caller went away while admission was under way: the script may have placed the
         # hold already, and nothing else would ever release it (nor free its in-flight slot)
         # while this process lives. Let it finish, then give the hold back.
-        await inflight.shield(_release_once_admitted(admitting, meter))
+        await inflight.shield(_release_once_admitted(admitting, meter, gate))
         raise
     upstream_id: list[str] = []
 
@@ -307,15 +364,17 @@ async def _execute(
             raise UpstreamError("The request's hold expired before fal accepted it.")
 
     try:
-        async with gate.slot(key.id, request_id):
+        async with gate.renewing(request_id):
             result: UpstreamResult = await fal.run(job.call, on_submitted=on_submitted)
     except BaseException:
         # Released even when the caller went away (cancellation): the release is shielded,
         # and counted in flight so a shutdown waits for it.
-        await inflight.shield(meter.release(admission, "failed"))
+        await inflight.shield(_release_all(meter, gate, admission, "failed"))
         raise
     images = filled_images(job, result)
-    settlement = await inflight.shield(_settle(meter, admission, actual_price(job, images)))
+    settlement = await inflight.shield(
+        _settle_and_free(meter, gate, admission, actual_price(job, images))
+    )
     record_settled(job.model_id, settlement.charged)
     return Outcome(
         job=job,

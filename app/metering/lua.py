@@ -6,13 +6,17 @@ A script's text is read once per process; it runs with ``EVALSHA`` and is loaded
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
+import redis.asyncio as aioredis
 import redis.exceptions
+import redis.exceptions as redis_exceptions
 
 from app.errors import Unavailable
 from app.ops.metrics import record_redis_error
@@ -72,3 +76,56 @@ class LuaScript:
     async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         # redis-py's script object sends EVALSHA and, on NOSCRIPT, loads the text and retries.
         return await self._script(keys=list(keys), args=list(args))
+
+    def call(self, keys: Sequence[str], args: Sequence[str | int | float]) -> ScriptCall:
+        """This script with these arguments, to run together with others (:func:`run_together`)."""
+        return ScriptCall(self, list(keys), list(args))
+
+    @property
+    def sha(self) -> str:
+        return str(self._script.sha)
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    script: LuaScript
+    keys: list[str]
+    args: list[str | int | float]
+
+
+async def _one(call: ScriptCall) -> Any:
+    try:
+        return await call.script(call.keys, call.args)
+    except redis_exceptions.ResponseError as exc:
+        return exc
+
+
+async def run_together(redis: Any, *calls: ScriptCall) -> list[Any]:
+    """Run several scripts in ONE round trip (a non-transactional pipeline).
+
+    Each script is still atomic on its own; they are independent and may live on different
+    Cluster slots (on a cluster they are sent concurrently instead). Returns each script's
+    reply, or the ``ResponseError`` it answered with. Raises ``Unavailable`` when Redis cannot
+    be reached. A script missing from Redis's cache (after a restart) is loaded and run again
+    alone: NOSCRIPT means it did not run.
+    """
+    with store_errors():
+        if isinstance(redis, aioredis.RedisCluster):
+            # The scripts live on different slots, usually different nodes: send them at once
+            # (redis-py does not pipeline scripts on a cluster), one round trip of latency.
+            replies = list(await asyncio.gather(*(_one(c) for c in calls)))
+        else:
+            async with redis.pipeline(transaction=False) as pipe:
+                for c in calls:
+                    pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
+                replies = list(await pipe.execute(raise_on_error=False))
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis_exceptions.NoScriptError):
+                try:
+                    replies[i] = await calls[i].script(calls[i].keys, calls[i].args)
+                except redis_exceptions.ResponseError as exc:
+                    replies[i] = exc
+    for reply in replies:
+        if isinstance(reply, redis_exceptions.ResponseError) and is_transient(reply):
+            record_redis_error("metering")
+    return replies

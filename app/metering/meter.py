@@ -16,7 +16,7 @@ from typing import Any
 from app.catalog.pricing import Price
 from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized
 from app.metering import keyspace
-from app.metering.lua import LuaScript, store_errors, text
+from app.metering.lua import LuaScript, ScriptCall, store_errors, text
 from app.metering.periods import PeriodStarts, iso, period_bounds
 from app.money import format_usd
 from app.ratelimit.headers import rate_limit_headers
@@ -113,6 +113,37 @@ class Meter:
         ``remaining_usd``) or ``Unavailable`` (Redis unreachable). Calling it again with the same
         ``request_id`` returns the existing admission instead of holding twice.
         """
+        call = self.admit_call(
+            key_id=key_id,
+            request_id=request_id,
+            model=model,
+            operation=operation,
+            estimate=estimate,
+            endpoint=endpoint,
+        )
+        with store_errors():
+            reply = await call.script(call.keys, call.args)
+        return self.admission_from(
+            reply,
+            key_id=key_id,
+            request_id=request_id,
+            model=model,
+            operation=operation,
+            estimate=estimate,
+            endpoint=endpoint,
+        )
+
+    def admit_call(
+        self,
+        *,
+        key_id: str,
+        request_id: str,
+        model: str,
+        operation: str,
+        estimate: Price,
+        endpoint: str,
+    ) -> ScriptCall:
+        """The admission script for :meth:`admit`, to run together with other scripts."""
         now_us, now = self._now()
         starts = PeriodStarts.at(now)
         args: list[str | int | float] = [
@@ -139,8 +170,23 @@ class Meter:
             keyspace.holds(key_id),
             keyspace.ledger(key_id),
         ]
-        with store_errors():
-            reply = await self._admit(keys, args)
+        return self._admit.call(keys, args)
+
+    def admission_from(
+        self,
+        reply: Any,
+        *,
+        key_id: str,
+        request_id: str,
+        model: str,
+        operation: str,
+        estimate: Price,
+        endpoint: str,
+    ) -> Admission:
+        """Interpret the admission script's reply: the admission, or the refusal raised."""
+        if isinstance(reply, Exception):
+            with store_errors():
+                raise reply
         outcome = text(reply[0])
         if outcome == "ok":
             return Admission(
@@ -222,6 +268,41 @@ class Meter:
         reason: str = "",
     ) -> Settlement:
         """Settle (``amount`` None = the hold amount) or release a hold by its ids."""
+        call = self.resolve_call(
+            key_id, request_id, settle=settle, amount=amount, pixels=pixels, reason=reason
+        )
+        with store_errors():
+            reply = await call.script(call.keys, call.args)
+        return self.settlement_from(reply)
+
+    def settle_call(self, admission: Admission, actual: Price) -> ScriptCall:
+        """:meth:`settle` as a script call, to run together with other scripts."""
+        return self.resolve_call(
+            admission.key_id,
+            admission.request_id,
+            settle=True,
+            amount=actual.amount,
+            pixels=actual.pixels,
+            reason="completed",
+        )
+
+    def release_call(self, admission: Admission, reason: str) -> ScriptCall:
+        """:meth:`release` as a script call, to run together with other scripts."""
+        return self.resolve_call(
+            admission.key_id, admission.request_id, settle=False, reason=reason
+        )
+
+    def resolve_call(
+        self,
+        key_id: str,
+        request_id: str,
+        *,
+        settle: bool,
+        amount: int | None = None,
+        pixels: int | None = None,
+        reason: str = "",
+    ) -> ScriptCall:
+        """The resolve script (settle or release one hold, exactly once)."""
         now_us, now = self._now()
         starts = PeriodStarts.at(now)
         keys = [
@@ -243,8 +324,13 @@ class Meter:
             starts.month,
             self.process_id,
         ]
-        with store_errors():
-            reply = await self._resolve(keys, args)
+        return self._resolve.call(keys, args)
+
+    def settlement_from(self, reply: Any) -> Settlement:
+        """Interpret the resolve script's reply (see :meth:`resolve_call`)."""
+        if isinstance(reply, Exception):
+            with store_errors():
+                raise reply
         if text(reply[0]) == "missing":
             return Settlement(0, 0, _remaining(reply[1]), already_resolved=True)
         return Settlement(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import Unavailable
-from app.metering.lua import LuaScript, store_errors
+from app.metering.lua import LuaScript, ScriptCall, store_errors
 from app.settings import Settings
 
 log = logging.getLogger("falgate.gate")
@@ -71,10 +71,25 @@ class UpstreamGate:
         with store_errors("The upstream concurrency gate"):
             return await self._script(GATE_KEYS, [op, self.capacity, self.lease_ms, *args])
 
+    def acquire_call(self, key_id: str, request_id: str) -> ScriptCall:
+        """One acquire attempt as a script call, to run together with the admission script:
+        its reply says whether the slot was granted at once (see :meth:`granted`)."""
+        return self._script.call(
+            GATE_KEYS, ["acquire", self.capacity, self.lease_ms, request_id, key_id]
+        )
+
+    def release_call(self, request_id: str) -> ScriptCall:
+        """:meth:`release` as a script call, to run together with the settle script."""
+        return self._script.call(GATE_KEYS, ["release", self.capacity, self.lease_ms, request_id])
+
+    @staticmethod
+    def granted(reply: Any) -> bool:
+        """Whether an acquire reply (or the error it was) granted the slot."""
+        return not isinstance(reply, Exception) and int(reply[0]) == 1
+
     @contextlib.asynccontextmanager
-    async def slot(self, key_id: str, request_id: str) -> AsyncIterator[None]:
-        """Hold one upstream slot for the duration of the block (waiting for it if needed)."""
-        await self.acquire(key_id, request_id)
+    async def renewing(self, request_id: str) -> AsyncIterator[None]:
+        """Keep renewing an acquired slot's lease for the duration of the block."""
         done = asyncio.Event()
         renewer = asyncio.create_task(self._renew(request_id, done))
         try:
@@ -82,9 +97,16 @@ class UpstreamGate:
         finally:
             done.set()
             renewer.cancel()
-            # Bounded, and the loop checks ``done``: a cancellation that a library turns into
-            # a timeout must not keep the renewer (and this request) alive.
             await asyncio.wait({renewer}, timeout=1.0)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key_id: str, request_id: str) -> AsyncIterator[None]:
+        """Hold one upstream slot for the duration of the block (waiting for it if needed)."""
+        await self.acquire(key_id, request_id)
+        try:
+            async with self.renewing(request_id):
+                yield
+        finally:
             await asyncio.shield(self.release(request_id))
 
     async def acquire(self, key_id: str, request_id: str) -> None:
