@@ -1,0 +1,47 @@
+"""An admitted request costs two Redis round trips: admit (+ upstream slot), settle (+ release).
+
+Counted by Redis itself (``INFO stats`` ``total_reads_processed``), not by timing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from app.redis import EmbeddedRedis
+from tests.conftest import GatewayFactory
+
+REQUESTS = 20
+
+
+def _reads(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_reads_processed"])
+
+
+def test_two_round_trips_per_admitted_request(gateways: GatewayFactory, tmp_path: Path) -> None:
+    own = EmbeddedRedis(tmp_path / "redis", persist=False)
+    own.start()
+    gateway = gateways.start(
+        FALGATE_REDIS_URL=own.url,
+        FALGATE_UPSTREAM_MODE="sync",
+        FALGATE_AUTH_CACHE_TTL_S="600",  # the key is looked up once, then cached
+        FALGATE_SWEEPER_INTERVAL_S="3600",
+        FALGATE_PROCESS_LEASE_S="600",  # no lease renewals during the measurement
+    )
+    probe = redis.Redis.from_url(own.url)
+    try:
+        _, secret = gateway.create_key(name="round-trips", budget_usd="10")
+        with gateway.client(secret) as client:
+            body = {"prompt": "x", "image_size": "square"}
+            assert client.post("/v1/generate", json=body).status_code == 200  # warm caches
+            before = _reads(probe)
+            for _ in range(REQUESTS):
+                assert client.post("/v1/generate", json=body).status_code == 200
+            after = _reads(probe)
+        # ``after`` includes the second INFO call itself.
+        assert after - before - 1 <= 2 * REQUESTS, after - before
+    finally:
+        probe.close()
+        gateway.stop()
+        own.stop()
