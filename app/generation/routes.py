@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from app.catalog import Price
 from app.deps import CatalogDep, CurrentKey, SettingsDep
@@ -27,6 +28,7 @@ from app.money import display_price, format_usd
 from app.schemas import error_responses
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_MODEL = "fal-ai/flux/dev"
 
 router = APIRouter(prefix="/v1", tags=["generation"])
@@ -44,6 +46,30 @@ _METERED_HEADERS = {
         "schema": {"type": "string"},
     },
 }
+
+
+def _price_route(path: str, operation_id: str, summary: str) -> Callable[[F], F]:
+    """A price route: the estimate for a body, nothing charged."""
+    return router.post(
+        path,
+        operation_id=operation_id,
+        response_model=PriceResponse,
+        responses=_PRICE_ERRORS,
+        summary=summary,
+    )
+
+
+def _metered_route(
+    path: str, operation_id: str, response_model: type[BaseModel], summary: str
+) -> Callable[[F], F]:
+    """A metered route: admitted, forwarded to fal, settled; idempotent with the header."""
+    return router.post(
+        path,
+        operation_id=operation_id,
+        response_model=response_model,
+        responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
+        summary=summary,
+    )
 
 
 def _price_body(job: service.Job) -> PriceResponse:
@@ -149,12 +175,8 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post(
-    "/run/{model_id:path}/price",
-    operation_id="priceRun",
-    response_model=PriceResponse,
-    responses=_PRICE_ERRORS,
-    summary="Price a text-to-image request on a given model",
+@_price_route(
+    "/run/{model_id:path}/price", "priceRun", "Price a text-to-image request on a given model"
 )
 async def price_run(
     model_id: str, body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
@@ -162,13 +184,7 @@ async def price_run(
     return _price_body(service.plan_generate(catalog, settings, key, model_id, body))
 
 
-@router.post(
-    "/run/{model_id:path}",
-    operation_id="run",
-    response_model=GenerateResponse,
-    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
-    summary="Text-to-image on a given model",
-)
+@_metered_route("/run/{model_id:path}", "run", GenerateResponse, "Text-to-image on a given model")
 async def run(
     request: Request,
     model_id: str,
@@ -185,13 +201,7 @@ async def run(
     return await idempotent(request, key.id, handle)
 
 
-@router.post(
-    "/generate/price",
-    operation_id="priceGenerate",
-    response_model=PriceResponse,
-    responses=_PRICE_ERRORS,
-    summary="Price a text-to-image request",
-)
+@_price_route("/generate/price", "priceGenerate", "Price a text-to-image request")
 async def price_generate(
     body: GenerateBody, key: CurrentKey, catalog: CatalogDep, settings: SettingsDep
 ) -> PriceResponse:
@@ -199,13 +209,7 @@ async def price_generate(
     return _price_body(job)
 
 
-@router.post(
-    "/generate",
-    operation_id="generate",
-    response_model=GenerateResponse,
-    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
-    summary="Text-to-image (model in the body)",
-)
+@_metered_route("/generate", "generate", GenerateResponse, "Text-to-image (model in the body)")
 async def generate(
     request: Request,
     body: GenerateBody,
@@ -221,13 +225,7 @@ async def generate(
     return await idempotent(request, key.id, handle)
 
 
-@router.post(
-    "/transform/price",
-    operation_id="priceTransform",
-    response_model=PriceResponse,
-    responses=_PRICE_ERRORS,
-    summary="Price an image-to-image request",
-)
+@_price_route("/transform/price", "priceTransform", "Price an image-to-image request")
 async def price_transform(
     body: Annotated[TransformRequest, Body()],
     key: CurrentKey,
@@ -237,13 +235,7 @@ async def price_transform(
     return _price_body(service.plan_transform(catalog, settings, key, body))
 
 
-@router.post(
-    "/transform",
-    operation_id="transform",
-    response_model=GenerateResponse,
-    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
-    summary="Image-to-image",
-)
+@_metered_route("/transform", "transform", GenerateResponse, "Image-to-image")
 async def transform(
     request: Request,
     body: Annotated[TransformRequest, Body()],
@@ -260,12 +252,8 @@ async def transform(
     return await idempotent(request, key.id, handle)
 
 
-@router.post(
-    "/upscale/price",
-    operation_id="priceUpscale",
-    response_model=PriceResponse,
-    responses=_PRICE_ERRORS,
-    summary="Price an upscale (fetches the input to learn its size)",
+@_price_route(
+    "/upscale/price", "priceUpscale", "Price an upscale (fetches the input to learn its size)"
 )
 async def price_upscale(
     request: Request,
@@ -278,13 +266,7 @@ async def price_upscale(
     return _price_body(job)
 
 
-@router.post(
-    "/upscale",
-    operation_id="upscale",
-    response_model=UpscaleResponse,
-    responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
-    summary="Upscale an image by 2 or 4",
-)
+@_metered_route("/upscale", "upscale", UpscaleResponse, "Upscale an image by 2 or 4")
 async def upscale(
     request: Request,
     body: Annotated[UpscaleRequest, Body()],
