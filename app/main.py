@@ -23,8 +23,18 @@ from app.http import BodyLimitMiddleware
 from app.keys.routes import router as keys_router
 from app.keys.schemas import KeyCreate
 from app.keys.service import KeyService
+from app.metering import Meter
+from app.metering.routes import admin_router as usage_admin_router
+from app.metering.routes import router as usage_router
+from app.metering.sweeper import Sweeper
+from app.ops.health import router as health_router
+from app.ops.logging import RequestContextMiddleware
+from app.ops.shutdown import InflightTracker
+from app.ratelimit.upstream_gate import UpstreamGate
 from app.redis import EmbeddedRedis, redis_client
+from app.sandbox import SandboxConfig, embedded_sandbox
 from app.settings import Settings, get_settings
+from app.upstream.client import FalClient
 
 log = logging.getLogger("falgate")
 
@@ -94,8 +104,6 @@ def _banner(lines: list[str]) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from app.ops.shutdown import InflightTracker
-    from app.upstream.client import FalClient
 
     settings: Settings = app.state.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,8 +128,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if settings.sandbox_url is not None:
                 base = settings.sandbox_url
             else:
-                from app.sandbox import SandboxConfig, embedded_sandbox
-
                 config = SandboxConfig(
                     latency_ms=settings.sandbox_latency_ms,
                     public_url=settings.sandbox_public_url,
@@ -154,10 +160,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         keys = KeyService(redis, known_models=_known_models(app))
         app.state.keys = keys
-
-        from app.metering import Meter
-        from app.metering.sweeper import Sweeper
-        from app.ratelimit.upstream_gate import UpstreamGate
 
         process_id = f"proc_{secrets.token_hex(6)}"
         app.state.process_id = process_id
@@ -204,8 +206,6 @@ def _known_models(app: FastAPI) -> set[str]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the gateway application; nothing is connected until the lifespan runs."""
-    from app.ops.health import router as health_router
-    from app.ops.logging import RequestContextMiddleware
 
     settings = settings or get_settings()
     app = FastAPI(
@@ -227,7 +227,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(catalog_router)
     app.include_router(keys_router)
     app.include_router(health_router)
-    _include_optional_routers(app)
+    app.include_router(usage_router)
+    app.include_router(usage_admin_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, settings=settings)
@@ -253,14 +254,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             schemas.pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _include_optional_routers(app: FastAPI) -> None:
-    from app.metering.routes import admin_router as usage_admin_router
-    from app.metering.routes import router as usage_router
-
-    app.include_router(usage_router)
-    app.include_router(usage_admin_router)
 
 
 __all__ = ["StartupError", "create_app", "lifespan"]

@@ -24,6 +24,7 @@ from app.generation.schemas import (
     UpscaleRequest,
     image_dimensions,
 )
+from app.images import fit_to_size, load_input_image, to_data_uri
 from app.keys.service import ApiKey
 from app.metering.lua import run_together
 from app.ops.metrics import record_settled
@@ -155,8 +156,6 @@ def plan_transform(
 
 async def prepare_transform_input(job: Job, image_url: str, settings: Settings, http: Any) -> None:
     """Fetch the input safely, fit it to the output size, and send exactly those bytes."""
-    from app.images import fit_to_size, load_input_image, to_data_uri
-
     image = await load_input_image(image_url, settings, client=http)
     # Decoding and resizing take milliseconds to seconds of CPU: keep them off the event loop.
     fitted = await asyncio.to_thread(fit_to_size, image, *job.image_size)
@@ -169,8 +168,6 @@ async def plan_upscale(
     catalog: Catalog, settings: Settings, key: ApiKey, body: UpscaleRequest, http: Any
 ) -> Job:
     """Upscale output is the input size times the scale, so the input is measured first."""
-    from app.images import load_input_image, to_data_uri
-
     upscaler = catalog.upscaler(body.model)
     key.check_model(upscaler.id)
     image = await load_input_image(body.image_url, settings, client=http)
