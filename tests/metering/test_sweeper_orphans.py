@@ -1,48 +1,105 @@
 """The sweeper resolves the holds of dead processes exactly once, asking fal where it can.
 
-fal itself is stood in for by a scripted outcome table (the sweeper's only dependency on the
-fal client is ``outcome(endpoint, request_id)``); the end-to-end test with a SIGKILLed gateway
-and the real sandbox lives in ``tests/metering/test_e2e_metering.py``.
+"fal" here is the project's sandbox, served in-process, asked through the real ``FalClient``;
+each test makes real sandbox jobs in the state it needs (finished, still running, failed).
+The end-to-end test with a SIGKILLed gateway lives in ``tests/metering/test_e2e_metering.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
+from PIL import Image
 
 from app.metering import Meter
 from app.metering.sweeper import Sweeper
+from app.sandbox import SandboxControl, embedded_sandbox
 from app.settings import Settings
-from app.upstream.types import GeneratedImage, OutcomeState, UpstreamOutcome, UpstreamResult
+from app.upstream.client import FalClient
+
+FLUX = "fal-ai/flux/dev"
+TOPAZ = "fal-ai/topaz/upscale/image"
 
 
-class ScriptedFal:
-    """fal's view of its queue: request id -> outcome; counts the questions asked."""
+class StatusCounter(httpx.AsyncHTTPTransport):
+    """The network under the fal client, counting the status questions it carries."""
 
     def __init__(self) -> None:
-        self.outcomes: dict[str, UpstreamOutcome] = {}
-        self.asked: list[str] = []
+        super().__init__()
+        self.status_calls = 0
 
-    async def outcome(self, endpoint: str, request_id: str) -> UpstreamOutcome:
-        self.asked.append(request_id)
-        await asyncio.sleep(0.01)
-        return self.outcomes.get(request_id, UpstreamOutcome(OutcomeState.UNKNOWN))
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/status"):
+            self.status_calls += 1
+        return await super().handle_async_request(request)
 
 
-def completed(*sizes: tuple[int | None, int | None]) -> UpstreamOutcome:
-    images = [
-        GeneratedImage(url="https://x/y.png", width=w, height=h, content_type=None)
-        for w, h in sizes
-    ]
-    return UpstreamOutcome(OutcomeState.COMPLETED, UpstreamResult("fal_1", images, seed=1))
+@dataclass
+class SandboxFal:
+    client: FalClient
+    base: str
+    control: SandboxControl
+    network: StatusCounter
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=10))
+
+    @property
+    def asked(self) -> int:
+        return self.network.status_calls
+
+    async def job(self, endpoint: str, arguments: dict[str, Any], *, finish: bool = True) -> str:
+        """Submit a real queue job to the sandbox; wait until it finished unless told not to."""
+        headers = {"Authorization": "Key test"}
+        submitted = await self.http.post(
+            f"{self.base}/queue/{endpoint}", json=arguments, headers=headers
+        )
+        submitted.raise_for_status()
+        body = submitted.json()
+        while finish:
+            status = await self.http.get(body["status_url"], headers=headers)
+            if status.json()["status"] == "COMPLETED":
+                break
+            await asyncio.sleep(0.01)
+        return str(body["request_id"])
+
+    async def image(self, width: int, height: int) -> str:
+        return await self.job(
+            FLUX, {"prompt": "x", "image_size": {"width": width, "height": height}}
+        )
+
+
+def _png_data_uri() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture
-def fal() -> ScriptedFal:
-    return ScriptedFal()
+async def fal(settings: Settings) -> AsyncIterator[SandboxFal]:
+    async with embedded_sandbox("127.0.0.1", 0, latency_ms=0) as base:
+        network = StatusCounter()
+        client = FalClient(
+            settings.model_copy(
+                update={"fal_run_url": base, "fal_queue_url": base + "/queue", "fal_key": None}
+            ),
+            transport=network,
+        )
+        await client.start()
+        control = SandboxControl(base)
+        fal = SandboxFal(client, base, control, network)
+        try:
+            yield fal
+        finally:
+            await fal.http.aclose()
+            await control.aclose()
+            await client.aclose()
 
 
 @pytest.fixture
@@ -52,18 +109,20 @@ def dead_meter(r: Any, settings: Settings) -> Meter:
 
 
 @pytest.fixture
-def sweeper(r: Any, settings: Settings, fal: ScriptedFal) -> Sweeper:
-    return Sweeper(r, settings, "proc_sweeper", fal)
+def sweeper(r: Any, settings: Settings, fal: SandboxFal) -> Sweeper:
+    return Sweeper(r, settings, "proc_sweeper", fal.client)
 
 
-async def hold(meter: Meter, key_id: str, rid: str, amount: int, price: Any, **kw: Any) -> Any:
+async def hold(
+    meter: Meter, key_id: str, rid: str, amount: int, price: Any, endpoint: str = FLUX, **kw: Any
+) -> Any:
     return await meter.admit(
         key_id=key_id,
         request_id=rid,
         model="fal-ai/flux/dev",
         operation="generate",
         estimate=price(amount, **kw),
-        endpoint="fal-ai/flux/dev",
+        endpoint=endpoint,
     )
 
 
@@ -72,14 +131,14 @@ async def events(r: Any, key_id: str) -> list[dict[str, str]]:
 
 
 async def test_orphan_without_fal_id_is_released_and_its_slot_freed(
-    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, r: Any, fal: ScriptedFal
+    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, r: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a", budget_micro=100_000)
     await hold(dead_meter, "key_a", "req_1", 40_000, price)
     report = await sweeper.sweep_once()
     assert report.released == ["req_1"]
     assert report.slots_freed == 1
-    assert fal.asked == []
+    assert fal.asked == 0
     usage = await sweeper.meter.usage("key_a")
     assert (usage["held_usd"], usage["spent_usd"], usage["in_flight"]) == (
         "0.000000",
@@ -90,47 +149,54 @@ async def test_orphan_without_fal_id_is_released_and_its_slot_freed(
 
 
 async def test_completed_at_fal_is_settled_from_the_image_sizes(
-    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: ScriptedFal, r: Any
+    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal, r: Any
 ) -> None:
     await make_key("key_a", budget_micro=100_000)
     admission = await hold(dead_meter, "key_a", "req_1", 23_594, price, pixels=2 * 786_432)
-    await dead_meter.attach_upstream(admission, "fal_1")
-    fal.outcomes["fal_1"] = completed((1024, 768))  # one image of the two asked for
+    fal_id = await fal.image(1024, 768)  # one image of the two asked for
+    await dead_meter.attach_upstream(admission, fal_id)
     report = await sweeper.sweep_once()
     assert report.settled == ["req_1"]
     settle = (await events(r, "key_a"))[-1]
     assert settle["event"] == "settle"
     assert settle["amount_micro"] == "11797"
-    assert settle["upstream_request_id"] == "fal_1"
+    assert settle["upstream_request_id"] == fal_id
     assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.011797"
 
 
 async def test_upscaler_result_without_sizes_settles_at_the_hold(
-    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: ScriptedFal
+    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
-    admission = await hold(dead_meter, "key_a", "req_1", 94_372, price)
-    await dead_meter.attach_upstream(admission, "fal_1")
-    fal.outcomes["fal_1"] = completed((None, None))
+    admission = await hold(dead_meter, "key_a", "req_1", 94_372, price, endpoint=TOPAZ)
+    # topaz answers without width and height, as the real one does
+    fal_id = await fal.job(TOPAZ, {"image_url": _png_data_uri(), "upscale_factor": 2})
+    await dead_meter.attach_upstream(admission, fal_id)
     await sweeper.sweep_once()
     assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.094372"
 
 
 async def test_pending_is_left_for_a_later_sweep_failed_is_released(
-    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: ScriptedFal
+    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
     first = await hold(dead_meter, "key_a", "req_1", 1_000, price)
     second = await hold(dead_meter, "key_a", "req_2", 2_000, price)
-    await dead_meter.attach_upstream(first, "fal_1")
-    await dead_meter.attach_upstream(second, "fal_2")
-    fal.outcomes["fal_1"] = UpstreamOutcome(OutcomeState.PENDING)
-    fal.outcomes["fal_2"] = UpstreamOutcome(OutcomeState.FAILED)
+    await fal.control.configure(latency_ms=60_000)  # still running when first asked
+    running = await fal.job(FLUX, {"prompt": "x", "image_size": "square"}, finish=False)
+    await fal.control.configure(
+        latency_ms=0, faults=[{"kind": "error", "scope": "job", "status_code": 500}]
+    )
+    failing = await fal.job(FLUX, {"prompt": "x"})
+    await dead_meter.attach_upstream(first, running)
+    await dead_meter.attach_upstream(second, failing)
     report = await sweeper.sweep_once()
     assert (report.pending, report.released) == (["req_1"], ["req_2"])
     assert (await sweeper.meter.usage("key_a"))["held_usd"] == "0.001000"
 
-    fal.outcomes["fal_1"] = completed((1000, 1000))
+    await fal.control.reset()  # cancels the running job: fal finished it without a result
+    done = await fal.image(1000, 1000)
+    await dead_meter.attach_upstream(first, done)  # the hold now points at a finished job
     report = await sweeper.sweep_once()
     assert report.settled == ["req_1"]
     usage = await sweeper.meter.usage("key_a")
@@ -138,10 +204,10 @@ async def test_pending_is_left_for_a_later_sweep_failed_is_released(
 
 
 async def test_live_processes_are_left_alone(
-    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
-    live = Sweeper(r, settings, "proc_live", ScriptedFal())
+    live = Sweeper(r, settings, "proc_live", fal.client)
     await live.heartbeat()
     await hold(
         Meter(r, settings, "proc_live", clock=lambda: time.time() - 60), "key_a", "r", 5, price
@@ -152,22 +218,21 @@ async def test_live_processes_are_left_alone(
 
 
 async def test_two_sweepers_racing_resolve_each_hold_exactly_once(
-    r: Any, settings: Settings, dead_meter: Meter, make_key: Any, price: Any, fal: ScriptedFal
+    r: Any, settings: Settings, dead_meter: Meter, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a", budget_micro=10**9)
     for i in range(60):
         admission = await hold(dead_meter, "key_a", f"req_{i}", 2_000, price)
-        if i % 3:
-            await dead_meter.attach_upstream(admission, f"fal_{i}")
-            fal.outcomes[f"fal_{i}"] = completed((1000, 1000))  # 15_000 unit -> 1000 x 1 MP
-    sweepers = [Sweeper(r, settings, f"proc_sweeper_{n}", fal) for n in range(3)]
+        if i % 3:  # 15_000 unit -> 1000 x 1 MP
+            await dead_meter.attach_upstream(admission, await fal.image(1000, 1000))
+    sweepers = [Sweeper(r, settings, f"proc_sweeper_{n}", fal.client) for n in range(3)]
     reports = await asyncio.gather(*(s.sweep_once() for s in sweepers for _ in range(2)))
 
     settled = [rid for rep in reports for rid in rep.settled]
     released = [rid for rep in reports for rid in rep.released]
     assert len(settled) == len(set(settled)) == 40
     assert len(released) == len(set(released)) == 20
-    assert len(fal.asked) == 40  # the claim kept sweepers from asking twice
+    assert fal.asked == 40  # the claim kept sweepers from asking twice
     ledger = await events(r, "key_a")
     settle_total = sum(int(e["amount_micro"]) for e in ledger if e["event"] == "settle")
     assert settle_total == 40 * 2_000
@@ -176,24 +241,26 @@ async def test_two_sweepers_racing_resolve_each_hold_exactly_once(
 
 
 async def test_settle_after_the_sweeper_does_not_count_twice(
-    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: ScriptedFal
+    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
     admission = await hold(dead_meter, "key_a", "req_1", 5_000, price)
-    await dead_meter.attach_upstream(admission, "fal_1")
-    fal.outcomes["fal_1"] = completed((100, 100))
+    fal_id = await fal.image(100, 100)
+    await dead_meter.attach_upstream(admission, fal_id)
     await sweeper.sweep_once()
     late = await dead_meter.settle(admission, price(5_000))
     assert late.already_resolved
     assert late.charged == 150  # what the sweeper recorded
     assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.000150"
-    assert not await dead_meter.attach_upstream(admission, "fal_1")
+    assert not await dead_meter.attach_upstream(admission, fal_id)
 
 
 async def test_lease_is_taken_on_start_and_given_up_on_stop(
-    r: Any, settings: Settings, fal: ScriptedFal
+    r: Any, settings: Settings, fal: SandboxFal
 ) -> None:
-    sweeper = Sweeper(r, settings.model_copy(update={"sweeper_interval_s": 0.05}), "proc_x", fal)
+    sweeper = Sweeper(
+        r, settings.model_copy(update={"sweeper_interval_s": 0.05}), "proc_x", fal.client
+    )
     await sweeper.start()
     assert await r.exists("falgate:proc:proc_x")
     await sweeper.stop()
@@ -201,10 +268,10 @@ async def test_lease_is_taken_on_start_and_given_up_on_stop(
 
 
 async def test_a_hold_older_than_any_request_is_resolved_even_if_its_process_lives(
-    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
-    live = Sweeper(r, settings, "proc_live", ScriptedFal())
+    live = Sweeper(r, settings, "proc_live", fal.client)
     await live.heartbeat()
     lost = Meter(r, settings, "proc_live", clock=lambda: time.time() - 3 * 3600)
     await hold(lost, "key_a", "req_lost", 5, price)  # its settle never reached Redis
