@@ -27,6 +27,7 @@ from app.generation.schemas import (
 from app.images import fit_to_size, load_input_image, to_data_uri
 from app.keys.service import ApiKey
 from app.metering.lua import run_together
+from app.metering.meter import AdmitRequest
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
 from app.settings import Settings
@@ -259,28 +260,14 @@ async def _admit_and_reserve(job: Job, key: ApiKey, request_id: str, meter: Any,
     pipelined instead. Refused requests give the slot straight back; a slot not granted at once
     is waited for (polling) only after the request was admitted.
     """
+    request = AdmitRequest(
+        key.id, request_id, job.model_id, job.operation, job.estimate, job.call.endpoint
+    )
     admit_reply, gate_reply = await run_together(
-        meter.redis,
-        meter.admit_call(
-            key_id=key.id,
-            request_id=request_id,
-            model=job.model_id,
-            operation=job.operation,
-            estimate=job.estimate,
-            endpoint=job.call.endpoint,
-        ),
-        gate.acquire_call(key.id, request_id),
+        meter.redis, meter.admit_call(request), gate.acquire_call(key.id, request_id)
     )
     try:
-        admission = meter.admission_from(
-            admit_reply,
-            key_id=key.id,
-            request_id=request_id,
-            model=job.model_id,
-            operation=job.operation,
-            estimate=job.estimate,
-            endpoint=job.call.endpoint,
-        )
+        admission = meter.admission_from(admit_reply, request)
     except BaseException:
         await asyncio.shield(gate.release(request_id))
         raise

@@ -30,6 +30,18 @@ _UNAUTHORIZED = {
 
 
 @dataclass(frozen=True)
+class AdmitRequest:
+    """What a request asks of the meter: hold ``estimate`` on ``key_id`` for this call."""
+
+    key_id: str
+    request_id: str
+    model: str
+    operation: str
+    estimate: Price
+    endpoint: str
+
+
+@dataclass(frozen=True)
 class Admission:
     """An admitted request: its hold and the rate-limit headers for the success response."""
 
@@ -113,49 +125,26 @@ class Meter:
         ``remaining_usd``) or ``Unavailable`` (Redis unreachable). Calling it again with the same
         ``request_id`` returns the existing admission instead of holding twice.
         """
-        call = self.admit_call(
-            key_id=key_id,
-            request_id=request_id,
-            model=model,
-            operation=operation,
-            estimate=estimate,
-            endpoint=endpoint,
-        )
+        request = AdmitRequest(key_id, request_id, model, operation, estimate, endpoint)
+        call = self.admit_call(request)
         with store_errors():
             reply = await call.script(call.keys, call.args)
-        return self.admission_from(
-            reply,
-            key_id=key_id,
-            request_id=request_id,
-            model=model,
-            operation=operation,
-            estimate=estimate,
-            endpoint=endpoint,
-        )
+        return self.admission_from(reply, request)
 
-    def admit_call(
-        self,
-        *,
-        key_id: str,
-        request_id: str,
-        model: str,
-        operation: str,
-        estimate: Price,
-        endpoint: str,
-    ) -> ScriptCall:
+    def admit_call(self, request: AdmitRequest) -> ScriptCall:
         """The admission script for :meth:`admit`, to run together with other scripts."""
         now_us, now = self._now()
         starts = PeriodStarts.at(now)
         args: list[str | int | float] = [
-            key_id,
-            request_id,
+            request.key_id,
+            request.request_id,
             now_us,
-            estimate.amount,
-            estimate.pixels,
-            estimate.unit_price,
-            model,
-            operation,
-            endpoint,
+            request.estimate.amount,
+            request.estimate.pixels,
+            request.estimate.unit_price,
+            request.model,
+            request.operation,
+            request.endpoint,
             self.process_id,
             self.settings.default_rpm,
             self.settings.default_max_concurrent,
@@ -163,26 +152,16 @@ class Meter:
             starts.month,
         ]
         keys = [
-            keyspace.meta(key_id),
-            keyspace.gcra(key_id),
-            keyspace.inflight(key_id),
-            keyspace.budget(key_id),
-            keyspace.holds(key_id),
-            keyspace.ledger(key_id),
+            keyspace.meta(request.key_id),
+            keyspace.gcra(request.key_id),
+            keyspace.inflight(request.key_id),
+            keyspace.budget(request.key_id),
+            keyspace.holds(request.key_id),
+            keyspace.ledger(request.key_id),
         ]
         return self._admit.call(keys, args)
 
-    def admission_from(
-        self,
-        reply: Any,
-        *,
-        key_id: str,
-        request_id: str,
-        model: str,
-        operation: str,
-        estimate: Price,
-        endpoint: str,
-    ) -> Admission:
+    def admission_from(self, reply: Any, request: AdmitRequest) -> Admission:
         """Interpret the admission script's reply: the admission, or the refusal raised."""
         if isinstance(reply, Exception):
             with store_errors():
@@ -190,14 +169,14 @@ class Meter:
         outcome = text(reply[0])
         if outcome == "ok":
             return Admission(
-                request_id=request_id,
-                key_id=key_id,
-                hold=estimate.amount,
+                request_id=request.request_id,
+                key_id=request.key_id,
+                hold=request.estimate.amount,
                 remaining=_remaining(reply[1]),
                 headers=rate_limit_headers(_int(reply[2]), _int(reply[3]), _int(reply[4])),
-                model=model,
-                operation=operation,
-                endpoint=endpoint,
+                model=request.model,
+                operation=request.operation,
+                endpoint=request.endpoint,
             )
         if outcome == "unauthorized":
             raise Unauthorized(_UNAUTHORIZED.get(text(reply[1]), "Invalid API key."))
@@ -220,11 +199,11 @@ class Meter:
         if outcome == "budget":
             remaining = _int(reply[1])
             raise BudgetExceeded(
-                f"This request is estimated at {format_usd(estimate.amount)} USD but only "
+                f"This request is estimated at {format_usd(request.estimate.amount)} USD but only "
                 f"{format_usd(remaining)} USD of the key's budget remains.",
                 headers=rate_limit_headers(_int(reply[2]), _int(reply[3]), _int(reply[4])),
                 extra={
-                    "estimate_usd": format_usd(estimate.amount),
+                    "estimate_usd": format_usd(request.estimate.amount),
                     "remaining_usd": format_usd(remaining),
                 },
             )
