@@ -24,11 +24,8 @@ from tests.conftest import _stop, _wait_http
 
 
 @pytest.fixture(scope="session")
-def metering_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("metering-redis"), persist=False)
-    server.start()
-    yield server
-    server.stop()
+def metering_redis_server(private_redis_server: EmbeddedRedis) -> EmbeddedRedis:
+    return private_redis_server
 
 
 @pytest.fixture

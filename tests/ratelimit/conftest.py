@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,8 @@ from app.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def gate_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path_factory.mktemp("gate-redis"), persist=False)
-    server.start()
-    yield server
-    server.stop()
+def gate_redis_server(private_redis_server: EmbeddedRedis) -> EmbeddedRedis:
+    return private_redis_server
 
 
 @pytest.fixture
