@@ -1,4 +1,4 @@
-"""The ``falgate`` command: ``serve``, ``sandbox``, ``keys ...`` and ``usage ...``."""
+"""The ``falgate`` command: ``serve``, ``sandbox``, ``keys ...``, ``usage ...``, ``ledger ...``."""
 
 from __future__ import annotations
 
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=lambda a: asyncio.run(_keys(a)))
 
     _add_usage_parser(sub)
+    _add_ledger_parser(sub)
     return parser
 
 
@@ -190,37 +191,81 @@ def _add_usage_parser(sub: Any) -> None:
     usage.add_argument(
         "--ledger", choices=["jsonl", "csv"], help="export the ledger entries instead"
     )
+    usage.add_argument("--after", help="with --ledger: resume after this entry's cursor")
+    usage.add_argument("--limit", type=int, help="with --ledger: at most this many entries")
     usage.set_defaults(func=lambda a: asyncio.run(_usage(a)))
 
 
+@contextlib.asynccontextmanager
+async def _ledger(settings: Settings) -> AsyncIterator[Any]:
+    """The ledger service on the gateway's Redis and archive database (migrated)."""
+    from app.ledger.service import LedgerService
+
+    async with _redis(settings) as redis:
+        ledger = LedgerService.from_settings(redis, settings)
+        try:
+            await ledger.migrate()
+            yield ledger
+        finally:
+            ledger.close()
+
+
 async def _usage(args: argparse.Namespace) -> int:
+    from app.ledger.export import ExportQuery, decode_cursor
     from app.metering import Meter
-    from app.metering.reports import (
-        export_csv,
-        export_jsonl,
-        iter_ledger,
-        parse_moment,
-        usage_report,
-    )
+    from app.metering.reports import parse_moment
 
     settings = get_settings()
     start, end = parse_moment(args.start), parse_moment(args.end, end=True)
-    key_ids = [args.key_id] if args.key_id else None
-    async with _redis(settings) as redis:
+    async with _ledger(settings) as ledger:
         if args.ledger:
-            entries = iter_ledger(redis, key_ids=key_ids, start=start, end=end)
-            export = export_csv if args.ledger == "csv" else export_jsonl
-            async for chunk in export(entries):
-                sys.stdout.write(chunk)
+            query = ExportQuery(
+                key_id=args.key_id,
+                start_ms=int(start.timestamp() * 1000) if start else None,
+                end_ms=int(end.timestamp() * 1000) if end else None,
+                after=decode_cursor(args.after) if args.after else None,
+                limit=args.limit,
+            )
+            out = sys.stdout.buffer
+            async for chunk in await ledger.export(query, args.ledger):
+                out.write(chunk)
+            out.flush()
         elif args.key_id and not (args.group_by or start or end):
-            _print(await Meter(redis, settings, "cli").usage(args.key_id))
+            _print(await Meter(ledger.redis, settings, "cli").usage(args.key_id))
         else:
             _print(
-                await usage_report(
-                    redis, key_ids=key_ids, start=start, end=end, group_by=args.group_by or "key"
+                await ledger.usage(
+                    key_id=args.key_id, start=start, end=end, group_by=args.group_by or "key"
                 )
             )
     return 0
+
+
+async def _ledger_command(args: argparse.Namespace) -> int:
+    import secrets
+
+    settings = get_settings()
+    async with _ledger(settings) as ledger:
+        if args.ledger_command == "migrate":
+            _print({"schema_version": await asyncio.to_thread(ledger.database.schema_version)})
+        elif args.ledger_command == "drain":
+            drainer = ledger.drainer(f"cli_{secrets.token_hex(4)}")
+            report = await drainer.drain(wait_s=args.wait)
+            _print({"archived": report.archived, "trimmed": report.trimmed, "keys": report.keys})
+    return 0
+
+
+def _add_ledger_parser(sub: Any) -> None:
+    ledger = sub.add_parser("ledger", help="the SQL ledger archive")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    ledger_sub.add_parser("migrate", help="create or upgrade the archive's tables")
+    drain = ledger_sub.add_parser(
+        "drain", help="archive every ledger entry now, then trim Redis to the retention window"
+    )
+    drain.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for a running drainer"
+    )
+    ledger.set_defaults(func=lambda a: asyncio.run(_ledger_command(a)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

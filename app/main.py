@@ -23,8 +23,9 @@ from app.http import BodyLimitMiddleware
 from app.keys.routes import router as keys_router
 from app.keys.schemas import KeyCreate
 from app.keys.service import KeyService
+from app.ledger.routes import router as ledger_router
+from app.ledger.service import LedgerService
 from app.metering import Meter
-from app.metering.routes import admin_router as usage_admin_router
 from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
 from app.ops.health import router as health_router
@@ -170,6 +171,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
 
+        # The ledger at rest (issue 12): the SQL archive, migrated here, and its drainer.
+        ledger = LedgerService.from_settings(redis, settings)
+        stack.callback(ledger.close)
+        await ledger.migrate()
+        app.state.ledger = ledger
+        if settings.ledger_drain_interval_s > 0:
+            drainer = ledger.drainer(process_id)
+            await drainer.start()
+            stack.push_async_callback(drainer.stop)
+
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)
             token_generated = not (
@@ -228,7 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(keys_router)
     app.include_router(health_router)
     app.include_router(usage_router)
-    app.include_router(usage_admin_router)
+    app.include_router(ledger_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, settings=settings)

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     sweeper_interval_s: float = 5.0
     process_lease_s: float = 15.0
 
+    # --- ledger archive and reports (issue 12, SPEC section 13) ---------------
+    ledger_database_url: str | None = None  # default: SQLite <data dir>/ledger.sqlite3
+    ledger_redis_retention_h: float = 48.0
+    ledger_drain_interval_s: float = 5.0  # 0 = no background drainer in this process
+    ledger_drain_batch: int = 2000
+    ledger_drain_lease_s: float = 30.0
+    metrics_key_label: bool = False  # spend by key on /metrics (a label per key)
+
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

@@ -1,64 +1,15 @@
-"""``GET /v1/usage`` and the admin usage and ledger routes (SPEC sections 5 and 8)."""
+"""``GET /v1/usage`` (SPEC section 5); the admin usage and ledger routes are in ``app.ledger``."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Annotated, Literal
+from fastapi import APIRouter, Request
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
-
-from app.deps import AdminDep, CurrentKey
-from app.errors import InvalidRequest
+from app.deps import CurrentKey
 from app.metering.meter import Meter
-from app.metering.reports import export_csv, export_jsonl, iter_ledger, parse_moment, usage_report
-from app.metering.schemas import KeyUsage, UsageReport
+from app.metering.schemas import KeyUsage
 from app.schemas import error_responses
 
 router = APIRouter(prefix="/v1", tags=["usage"])
-admin_router = APIRouter(
-    prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_responses(401)
-)
-
-KeyIdQuery = Annotated[str | None, Query(description="Only this key (default: all keys).")]
-FromQuery = Annotated[
-    str | None,
-    Query(alias="from", description="Inclusive start: a date or ISO 8601 datetime (UTC)."),
-]
-ToQuery = Annotated[
-    str | None,
-    Query(
-        alias="to",
-        description="Exclusive end: ISO 8601 datetime, or a date (that whole day included).",
-    ),
-]
-
-
-def _window(start: str | None, end: str | None) -> tuple[datetime | None, datetime | None]:
-    bounds: list[datetime | None] = []
-    for name, value in (("from", start), ("to", end)):
-        try:
-            bounds.append(parse_moment(value, end=name == "to"))
-        except ValueError as exc:
-            raise InvalidRequest(
-                f"'{name}' must be an ISO 8601 date or datetime.", param=name
-            ) from exc
-    return bounds[0], bounds[1]
-
-
-async def _started(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Fetch the first chunk before answering, so an unreachable Redis is a 503, not a cut
-    stream."""
-    first = await anext(chunks, None)
-
-    async def stream() -> AsyncIterator[str]:
-        if first is not None:
-            yield first
-        async for chunk in chunks:
-            yield chunk
-
-    return stream()
 
 
 @router.get(
@@ -71,61 +22,3 @@ async def get_usage(request: Request, key: CurrentKey) -> KeyUsage:
     """The calling key's budget, period, spend, holds and limits."""
     meter: Meter = request.app.state.meter
     return KeyUsage.model_validate(await meter.usage(key.id))
-
-
-@admin_router.get(
-    "/usage",
-    operation_id="getUsageReport",
-    response_model=UsageReport,
-    responses=error_responses(400, 503),
-)
-async def get_usage_report(
-    request: Request,
-    key_id: KeyIdQuery = None,
-    start: FromQuery = None,
-    end: ToQuery = None,
-    group_by: Literal["key", "model", "day"] = "key",
-) -> UsageReport:
-    """Settled spend from the ledger, grouped by key, model or UTC day."""
-    low, high = _window(start, end)
-    report = await usage_report(
-        request.app.state.meter.redis,
-        key_ids=[key_id] if key_id else None,
-        start=low,
-        end=high,
-        group_by=group_by,
-    )
-    return UsageReport.model_validate(report)
-
-
-@admin_router.get(
-    "/ledger",
-    operation_id="exportLedger",
-    responses={
-        200: {
-            "description": "Ledger entries in time order, as JSON lines or CSV.",
-            "content": {"application/x-ndjson": {}, "text/csv": {}},
-        },
-        **error_responses(400, 503),
-    },
-)
-async def export_ledger(
-    request: Request,
-    key_id: KeyIdQuery = None,
-    start: FromQuery = None,
-    end: ToQuery = None,
-    format: Literal["jsonl", "csv"] = "jsonl",
-) -> StreamingResponse:
-    """Every hold, settle and release: who, when, model, operation, megapixels, amount."""
-    low, high = _window(start, end)
-    redis = request.app.state.meter.redis
-    entries = iter_ledger(redis, key_ids=[key_id] if key_id else None, start=low, end=high)
-    if format == "csv":
-        return StreamingResponse(
-            await _started(export_csv(entries)),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": 'attachment; filename="ledger.csv"'},
-        )
-    return StreamingResponse(
-        await _started(export_jsonl(entries)), media_type="application/x-ndjson"
-    )
