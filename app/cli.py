@@ -252,6 +252,8 @@ async def _ledger_command(args: argparse.Namespace) -> int:
             drainer = ledger.drainer(f"cli_{secrets.token_hex(4)}")
             report = await drainer.drain(wait_s=args.wait)
             _print({"archived": report.archived, "trimmed": report.trimmed, "keys": report.keys})
+        elif args.ledger_command == "backfill":
+            _print({"keys_backfilled": await ledger.backfill_rollups()})
     return 0
 
 
@@ -264,6 +266,9 @@ def _add_ledger_parser(sub: Any) -> None:
     )
     drain.add_argument(
         "--wait", type=float, default=60.0, help="seconds to wait for a running drainer"
+    )
+    ledger_sub.add_parser(
+        "backfill", help="count ledger entries older than the rollups into them (once per key)"
     )
     ledger.set_defaults(func=lambda a: asyncio.run(_ledger_command(a)))
 

@@ -46,7 +46,7 @@ log = logging.getLogger("falgate.ledger")
 COLUMN_FIELDS = frozenset(
     (
         "event", "key_id", "request_id", "upstream_request_id", "model", "operation", "pixels",
-        "amount_micro", "released_micro", "hold_micro", "reason", "ts_ms", "process_id",
+        "amount_micro", "released_micro", "hold_micro", "reason", "ts_ms", "process_id", "images",
     )
 )  # fmt: skip
 
@@ -85,7 +85,7 @@ Row = tuple[Any, ...]
 ROW_COLUMNS = (
     "id_ms", "key_id", "id_seq", "entry_id", "event", "request_id", "upstream_request_id",
     "model", "operation", "pixels", "amount_micro", "released_micro", "hold_micro", "reason",
-    "ts_ms", "process_id",
+    "ts_ms", "process_id", "images",
 )  # fmt: skip
 
 
@@ -114,6 +114,7 @@ def row_from_stream(key_id: str, entry_id: str, fields: Mapping[str, str]) -> di
         "reason": fields.get("reason", ""),
         "ts_ms": int(fields.get("ts_ms") or ms),
         "process_id": fields.get("process_id", ""),
+        "images": _int_or_none(fields.get("images")),
         "extra": json.dumps(extra, sort_keys=True) if extra else None,
     }
 

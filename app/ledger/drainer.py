@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +100,7 @@ class Drainer:
         batch_size: int = 2000,
         interval_s: float = 5.0,
         lease_ms: int = 30_000,
+        after_drain: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.redis = redis
         self.database = database
@@ -110,6 +111,7 @@ class Drainer:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._archive_id: str | None = None
+        self._after_drain = after_drain
 
     # --- one pass ------------------------------------------------------------------------
 
@@ -170,6 +172,8 @@ class Drainer:
                 await self._commit(batch, progress, report)
         report.trimmed = await self.trim(progress)
         report.caught_up = True
+        if self._after_drain is not None:
+            await self._after_drain()  # e.g. the one-time rollup backfill of new keys
         return report
 
     async def _commit(

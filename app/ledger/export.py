@@ -48,7 +48,7 @@ Cursor = tuple[int, str, int]  # (id_ms, key_id, id_seq)
 CSV_COLUMNS = (
     "timestamp", "event", "key_id", "request_id", "upstream_request_id", "model", "operation",
     "megapixels", "amount_usd", "amount_micro", "hold_micro", "reason", "entry_id",
-    "released_micro", "cursor",
+    "released_micro", "images", "cursor",
 )  # fmt: skip
 
 _SQL_PAGE = 5000
@@ -86,6 +86,7 @@ class ExportQuery:
     end_ms: int | None = None  # exclusive
     after: Cursor | None = None
     limit: int | None = None
+    before: tuple[int, int] | None = None  # with key_id only: stream ids below this one
 
 
 # --- the Redis tail, read from a worker thread through the event loop -------------------
@@ -209,6 +210,8 @@ def merged_rows(
         position = (row[0], row[1], row[2])
         if position == last:
             continue  # archived while this export ran: read from both sides
+        if query.before is not None and (row[0], row[2]) >= query.before:
+            return
         last = position
         yield row
         emitted += 1
@@ -227,7 +230,7 @@ def _timestamp(ts_ms: int) -> str:
 def entry_json(row: Row) -> dict[str, Any]:
     """One entry as the export shows it (JSON lines; CSV has the same columns)."""
     (ms, key_id, seq, entry_id, event, request_id, upstream, model, operation, pixels,
-     amount, released, hold, reason, ts_ms, _process) = row  # fmt: skip
+     amount, released, hold, reason, ts_ms, _process, images) = row  # fmt: skip
     return {
         "timestamp": _timestamp(ts_ms),
         "event": event,
@@ -243,6 +246,7 @@ def entry_json(row: Row) -> dict[str, Any]:
         "reason": reason,
         "entry_id": entry_id,
         "released_micro": released,
+        "images": images,
         "cursor": encode_cursor((ms, key_id, seq)),
     }
 

@@ -29,6 +29,7 @@ column                   meaning
 ``reason``               why a hold was resolved (``completed``, ``upstream_error`` ...)
 ``ts_ms``                when, ms since the epoch (Redis server time)
 ``process_id``           the gateway process that wrote it
+``images``               settle only: how many images were produced
 ``extra``                any other fields of the entry, as a JSON object (or NULL)
 =======================  ================================================================
 
@@ -94,6 +95,7 @@ ledger_entries = Table(
     Column("reason", String(200), nullable=False),
     Column("ts_ms", BigInteger, nullable=False),
     Column("process_id", String(64), nullable=False),
+    Column("images", BigInteger),
     Column("extra", Text),
 )
 Index("ix_ledger_entries_order", ledger_entries.c.id_ms, ledger_entries.c.key_id,

@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
 import sqlalchemy.exc
 
 from app.errors import Unavailable
-from app.ledger.database import LedgerDatabase, Progress, Row, database_url
+from app.ledger.database import LedgerDatabase, Progress, Row, database_url, parse_entry_id
 from app.ledger.drainer import Drainer
 from app.ledger.export import (
     ExportQuery,
@@ -23,6 +23,7 @@ from app.ledger.export import (
     loop_bridge,
     merged_rows,
 )
+from app.ledger.rollups import GroupKey, Rollups, month_of, months_between
 from app.metering import keyspace
 from app.metering.lua import store_errors, text
 from app.money import format_usd
@@ -48,6 +49,7 @@ class LedgerService:
         self.redis = redis
         self.database = database
         self.settings = settings
+        self.rollups = Rollups(redis)
 
     @classmethod
     def from_settings(cls, redis: Any, settings: Settings) -> LedgerService:
@@ -71,6 +73,7 @@ class LedgerService:
             batch_size=s.ledger_drain_batch,
             interval_s=s.ledger_drain_interval_s,
             lease_ms=int(s.ledger_drain_lease_s * 1000),
+            after_drain=self.backfill_rollups,
         )
 
     async def _key_ids(self, key_id: str | None) -> list[str]:
@@ -112,7 +115,7 @@ class LedgerService:
 
         return stream()
 
-    async def recompute_usage(self, query: ExportQuery) -> dict[tuple[str, str, str, str], Totals]:
+    async def recompute_usage(self, query: ExportQuery) -> dict[GroupKey, Totals]:
         """Settled/released totals per (key, UTC day, model, operation), from every raw entry
         (archive + tail) - O(entries), in a worker thread. The rollups must equal this."""
         key_ids, progress = await self._snapshot(query.key_id)
@@ -135,14 +138,70 @@ class LedgerService:
         end: datetime | None,
         group_by: GroupBy,
     ) -> dict[str, Any]:
-        """Settled spend grouped by key, model or UTC day (``/admin/usage``)."""
-        query = ExportQuery(
-            key_id=key_id,
-            start_ms=int(start.timestamp() * 1000) if start else None,
-            end_ms=int(end.timestamp() * 1000) if end else None,
-        )
-        groups = await self.recompute_usage(query)
+        """Settled spend grouped by key, model or UTC day (``/admin/usage``).
+
+        Whole UTC days come from the rollups (O(keys x months of the window)); a window edge
+        inside a day, and a key whose rollups are not backfilled yet, are recomputed from
+        the raw ledger (O(entries of that part only)).
+        """
+        key_ids = await self._key_ids(key_id)
+        with store_errors("The ledger"):
+            states = await self.rollups.states(key_ids)
+        ready = [k for k in key_ids if states[k].backfilled]
+        pending = [k for k in key_ids if not states[k].backfilled]
+        groups: dict[GroupKey, Totals] = {}
+
+        def add(found: dict[GroupKey, Totals], keys: set[str] | None = None) -> None:
+            for group, totals in found.items():
+                if keys is None or group[0] in keys:
+                    groups.setdefault(group, Totals()).add(totals)
+
+        first_day, last_day = _whole_days(start, end)
+        whole_days = first_day is None or last_day is None or first_day <= last_day
+        firsts = [first for k in ready if (first := states[k].first)]
+        if whole_days and firsts:
+            low = max(month_of(first_day), min(firsts)) if first_day else min(firsts)
+            high = month_of(last_day) if last_day else _next_month(datetime.now(UTC).date())
+            with store_errors("The ledger"):
+                raw = await self.rollups.read(
+                    ready,
+                    months_between(low, high),
+                    first_day.isoformat() if first_day else "0000-00-00",
+                    last_day.isoformat() if last_day else "9999-99-99",
+                )
+            add({g: Totals.from_metrics(m) for g, m in raw.items()})
+        if ready:
+            ready_set = set(ready)
+            for low_ms, high_ms in _partial_ranges(start, end, first_day, last_day):
+                query = ExportQuery(key_id=key_id, start_ms=low_ms, end_ms=high_ms)
+                add(await self.recompute_usage(query), ready_set)
+        for pending_key in pending:
+            query = ExportQuery(key_id=pending_key, start_ms=_ms(start), end_ms=_ms(end))
+            add(await self.recompute_usage(query))
         return shape_report(groups, group_by=group_by, start=start, end=end)
+
+    async def backfill_rollups(self) -> int:
+        """Count, once, the ledger entries written before the scripts kept rollups (idempotent:
+        a key is backfilled at most once, whatever runs concurrently). Returns keys done."""
+        key_ids = await self._key_ids(None)
+        with store_errors("The ledger"):
+            states = await self.rollups.states(key_ids)
+        done = 0
+        for key_id in key_ids:
+            if states[key_id].backfilled:
+                continue
+            with store_errors("The ledger"):
+                since, backfilled = await self.rollups.mark(key_id)
+            if backfilled:
+                continue
+            ms, seq = parse_entry_id(since)
+            query = ExportQuery(key_id=key_id, end_ms=ms + 1, before=(ms, seq))
+            found = await self.recompute_usage(query)
+            totals = [(g[1], g[2], g[3], t.metrics()) for g, t in found.items()]
+            with store_errors("The ledger"):
+                if await self.rollups.apply(key_id, since, totals):
+                    done += 1
+        return done
 
 
 # --- usage recomputed from the raw ledger --------------------------------------------------
@@ -154,12 +213,34 @@ class Totals:
 
     requests: int = 0
     released: int = 0
+    images: int = 0
     pixels: int = 0
     amount_micro: int = 0
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, int]) -> Totals:
+        return cls(
+            requests=metrics.get("requests", 0),
+            released=metrics.get("released", 0),
+            images=metrics.get("images", 0),
+            pixels=metrics.get("pixels", 0),
+            amount_micro=metrics.get("micro", 0),
+        )
+
+    def metrics(self) -> dict[str, int]:
+        """As the rollup hashes name them."""
+        return {
+            "requests": self.requests,
+            "released": self.released,
+            "images": self.images,
+            "pixels": self.pixels,
+            "micro": self.amount_micro,
+        }
 
     def add(self, other: Totals) -> None:
         self.requests += other.requests
         self.released += other.released
+        self.images += other.images
         self.pixels += other.pixels
         self.amount_micro += other.amount_micro
 
@@ -168,9 +249,9 @@ def utc_day(ms: int) -> str:
     return datetime.fromtimestamp(ms // 1000, UTC).date().isoformat()
 
 
-def totals_of(rows: Iterator[Row]) -> dict[tuple[str, str, str, str], Totals]:
+def totals_of(rows: Iterator[Row]) -> dict[GroupKey, Totals]:
     """(key, day of the entry, model, operation) -> totals of its settles and releases."""
-    groups: dict[tuple[str, str, str, str], Totals] = {}
+    groups: dict[GroupKey, Totals] = {}
     for row in rows:
         event = row[4]
         if event not in ("settle", "release"):
@@ -181,6 +262,7 @@ def totals_of(rows: Iterator[Row]) -> dict[tuple[str, str, str, str], Totals]:
             totals = groups[group] = Totals()
         if event == "settle":
             totals.requests += 1
+            totals.images += row[16] or 0
             totals.pixels += row[9]
             totals.amount_micro += row[10]
         else:
@@ -188,12 +270,13 @@ def totals_of(rows: Iterator[Row]) -> dict[tuple[str, str, str, str], Totals]:
     return groups
 
 
+ONE_DAY = timedelta(days=1)
 GroupBy = Literal["key", "model", "day"]
 _GROUP_INDEX = {"key": 0, "day": 1, "model": 2}
 
 
 def shape_report(
-    groups: dict[tuple[str, str, str, str], Totals],
+    groups: dict[GroupKey, Totals],
     *,
     group_by: GroupBy,
     start: datetime | None,
@@ -211,6 +294,7 @@ def shape_report(
         return {
             "requests": totals.requests,
             "released": totals.released,
+            "images": totals.images,
             "amount_usd": format_usd(totals.amount_micro),
             "megapixels": str(Decimal(totals.pixels) / 1_000_000),
         }
@@ -222,3 +306,42 @@ def shape_report(
         "rows": [{group_by: name, **row(rows[name])} for name in sorted(rows)],
         "total": row(total),
     }
+
+
+def _ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
+def _whole_days(start: datetime | None, end: datetime | None) -> tuple[date | None, date | None]:
+    """The first and last UTC day lying wholly inside ``[start, end)`` (None: unbounded)."""
+    first = None
+    if start is not None:
+        start = start.astimezone(UTC)
+        first = start.date() if start == _midnight(start.date()) else start.date() + ONE_DAY
+    last = None
+    if end is not None:
+        end = end.astimezone(UTC)
+        last = end.date() - ONE_DAY
+    return first, last
+
+
+def _partial_ranges(
+    start: datetime | None, end: datetime | None, first: date | None, last: date | None
+) -> list[tuple[int | None, int | None]]:
+    """The parts of ``[start, end)`` outside its whole days, as ms ranges."""
+    if first is not None and last is not None and first > last:
+        return [(_ms(start), _ms(end))]  # inside one day (or across a single midnight)
+    ranges: list[tuple[int | None, int | None]] = []
+    if start is not None and first is not None and _midnight(first) > start:
+        ranges.append((_ms(start), _ms(_midnight(first))))
+    if end is not None and last is not None and _midnight(last + ONE_DAY) < end:
+        ranges.append((_ms(_midnight(last + ONE_DAY)), _ms(end)))
+    return ranges
+
+
+def _next_month(day: date) -> str:
+    return month_of(date(day.year + day.month // 12, day.month % 12 + 1, 1))

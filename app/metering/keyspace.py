@@ -17,13 +17,20 @@ one Lua script can touch all of it):
   admission the gateway already gave up on
 - ``{k:<id>}:inflight``  hash: request id -> owning process id (``max_concurrent`` slots)
 - ``{k:<id>}:gcra``      string: GCRA theoretical arrival time, microseconds since the epoch
-- ``{k:<id>}:ledger``    stream: the append-only ledger (hold / settle / release entries)
+- ``{k:<id>}:ledger``    stream: the append-only ledger (hold / settle / release entries);
+  archived into SQL and trimmed by ``app.ledger.drainer``
+- ``{k:<id>}:rollup:<YYYY-MM>``  hash: usage rollups kept by ``resolve.lua``, fields
+  ``<YYYY-MM-DD>|<model>|<operation>|<requests|released|images|pixels|micro>`` (UTC day)
+- ``{k:<id>}:rollup``    hash: ``since`` (first ledger entry id the script counted; the backfill
+  counts those before it), ``backfilled`` (1 once it did), ``first`` (earliest month)
 - ``{k:<id>}:idem:<sha256 of the Idempotency-Key>``  hash: a stored first response
 
 Global:
 
 - ``falgate:keys``            set of every key id (keys service)
 - ``falgate:proc:<process>``  a gateway process's lease (string with a TTL, renewed by its sweeper)
+- ``falgate:ledger:drainer`` / ``falgate:ledger:archive``  the ledger drainer's lease and the
+  identity of the archive database this Redis drains into (``app.ledger.drainer``)
 - ``{falgate:gate}:*``        the upstream concurrency gate (see ``app.ratelimit.upstream_gate``)
 """
 
@@ -77,3 +84,16 @@ def idempotency(key_id: str, idempotency_key: str) -> str:
 
 def process_lease(process_id: str) -> str:
     return f"falgate:proc:{process_id}"
+
+
+def rollup_state(key_id: str) -> str:
+    return f"{tag(key_id)}:rollup"
+
+
+def rollup_month_prefix(key_id: str) -> str:
+    return f"{tag(key_id)}:rollup:"
+
+
+def rollup_month(key_id: str, month: str) -> str:
+    """``month``: ``YYYY-MM`` (UTC)."""
+    return f"{rollup_month_prefix(key_id)}{month}"

@@ -416,6 +416,8 @@ class Meter:
             keyspace.ledger(key_id),
             keyspace.leases(key_id),
             keyspace.request_record(key_id, request_id),
+            keyspace.rollup_state(key_id),
+            keyspace.rollup_month_prefix(key_id),
         ]
         args: list[str | int | float] = [
             key_id,

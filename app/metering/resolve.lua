@@ -3,8 +3,9 @@
 -- the resolver, or a retried call) finds it gone and gets the recorded outcome back from the
 -- request record instead.
 --
--- KEYS: 1 meta, 2 inflight, 3 budget, 4 holds, 5 ledger, 6 leases, 7 request record
---       (all under {k:<id>})
+-- KEYS: 1 meta, 2 inflight, 3 budget, 4 holds, 5 ledger, 6 leases, 7 request record,
+--       8 rollup state, 9 rollup month prefix (all under {k:<id>}; the month hash is
+--       KEYS[9] .. 'YYYY-MM' of Redis's clock, so it shares the key's slot)
 -- ARGV: 1 key_id, 2 request_id, 3 now_us ('' = Redis TIME), 4 'settle'|'release',
 --       5 actual amount ('' = the hold amount), 6 actual pixels ('' = the hold's pixels),
 --       7 reason, 8 acting process id, 9 images JSON ('' = none), 10 seed ('' = none),
@@ -109,6 +110,10 @@ redis.call('HSET', record_key, 'status', status, 'state', mode == 'settle' and '
   'resolved_ms', fmt(now_ms))
 redis.call('PEXPIRE', record_key, ARGV[11])
 
+local images = 0
+if mode == 'settle' and ARGV[9] ~= '' then
+  images = #cjson.decode(ARGV[9])
+end
 local entry = {'event', mode, 'key_id', key_id, 'request_id', request_id,
   'upstream_request_id', hold.upstream or '', 'model', hold.model,
   'operation', hold.operation, 'pixels', pixels}
@@ -117,6 +122,8 @@ if mode == 'settle' then
   table.insert(entry, string.format('%d', charged))
   table.insert(entry, 'released_micro')
   table.insert(entry, string.format('%d', released))
+  table.insert(entry, 'images')
+  table.insert(entry, string.format('%d', images))
 else
   table.insert(entry, 'amount_micro')
   table.insert(entry, string.format('%d', released))
@@ -129,5 +136,27 @@ table.insert(entry, 'ts_ms')
 table.insert(entry, fmt(now_ms))
 table.insert(entry, 'process_id')
 table.insert(entry, ARGV[8])
-redis.call('XADD', ledger_key, '*', unpack(entry))
+local entry_id = redis.call('XADD', ledger_key, '*', unpack(entry))
+
+-- Rollups (what usage reports read): per UTC day x model x operation, in a hash per month.
+-- 'since' is the first ledger entry counted here; the one-time backfill counts those before.
+local days = math.floor(now_us / 86400000000)
+local year, month = civil_from_days(days)
+local day = days - days_from_civil(year, month, 1) + 1
+local month_name = string.format('%04d-%02d', year, month)
+local rollup_key = KEYS[9] .. month_name
+local group = string.format('%s-%02d|%s|%s|', month_name, day, hold.model, hold.operation)
+if mode == 'settle' then
+  redis.call('HINCRBY', rollup_key, group .. 'requests', 1)
+  redis.call('HINCRBY', rollup_key, group .. 'images', images)
+  redis.call('HINCRBY', rollup_key, group .. 'pixels', pixels)
+  redis.call('HINCRBY', rollup_key, group .. 'micro', charged)
+else
+  redis.call('HINCRBY', rollup_key, group .. 'released', 1)
+end
+redis.call('HSETNX', KEYS[8], 'since', entry_id)
+local first = redis.call('HGET', KEYS[8], 'first')
+if not first or month_name < first then
+  redis.call('HSET', KEYS[8], 'first', month_name)
+end
 return {'ok', charged, released, remaining, 0}

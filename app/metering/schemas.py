@@ -34,6 +34,7 @@ class UsageRow(BaseModel):
 
     requests: int = Field(description="Settled requests.")
     released: int = Field(description="Failed or cancelled requests (charged nothing).")
+    images: int = Field(default=0, description="Images produced by the settled requests.")
     amount_usd: str = Field(description="Settled total.", examples=["0.235940"])
     megapixels: str = Field(examples=["15.728640"])
 
@@ -41,6 +42,7 @@ class UsageRow(BaseModel):
 class UsageTotals(BaseModel):
     requests: int
     released: int
+    images: int = 0
     amount_usd: str
     megapixels: str
 
