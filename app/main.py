@@ -35,6 +35,7 @@ from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
+from app.ops.metrics import metrics_of
 from app.ops.shutdown import InflightTracker
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.redis import EmbeddedRedis, redis_client
@@ -192,6 +193,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.callback(ledger.close)
         await ledger.migrate()
         app.state.ledger = ledger
+        metrics_of(app).key_label = settings.metrics_key_label
         if settings.ledger_drain_interval_s > 0:
             drainer = ledger.drainer(process_id)
             await drainer.start()

@@ -419,7 +419,7 @@ async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
     settlement = await path.inflight.shield(
         _settle_and_free(path, admission, actual_price(job, images), images)
     )
-    record_settled(job.model_id, settlement.charged)
+    record_settled(job.model_id, settlement.charged, admission.key_id)
     return Outcome(
         job=job,
         images=images,

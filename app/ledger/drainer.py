@@ -112,6 +112,7 @@ class Drainer:
         self._stopped = False
         self._archive_id: str | None = None
         self._after_drain = after_drain
+        self._warned = False
 
     # --- one pass ------------------------------------------------------------------------
 
@@ -242,7 +243,9 @@ class Drainer:
             except asyncio.CancelledError:
                 raise
             except ArchiveMismatch as exc:
-                log.error("ledger drainer: %s", exc.message)
+                if not self._warned:
+                    log.error("ledger drainer: %s", exc.message)
+                    self._warned = True
             except Exception:  # the loop must outlive a Redis or database outage
                 log.warning("ledger drain failed; retrying", exc_info=True)
             await asyncio.sleep(self.interval_s)

@@ -27,6 +27,7 @@ from app.ledger.rollups import GroupKey, Rollups, month_of, months_between
 from app.metering import keyspace
 from app.metering.lua import store_errors, text
 from app.money import format_usd
+from app.ops.holds import publish_holds_snapshot
 from app.settings import Settings
 
 
@@ -73,7 +74,7 @@ class LedgerService:
             batch_size=s.ledger_drain_batch,
             interval_s=s.ledger_drain_interval_s,
             lease_ms=int(s.ledger_drain_lease_s * 1000),
-            after_drain=self.backfill_rollups,
+            after_drain=self.after_drain,
         )
 
     async def _key_ids(self, key_id: str | None) -> list[str]:
@@ -179,6 +180,13 @@ class LedgerService:
             query = ExportQuery(key_id=pending_key, start_ms=_ms(start), end_ms=_ms(end))
             add(await self.recompute_usage(query))
         return shape_report(groups, group_by=group_by, start=start, end=end)
+
+    async def after_drain(self) -> None:
+        """What the single active drainer also does each cycle: backfill new keys' rollups and
+        publish the holds snapshot ``/metrics`` reads."""
+        await self.backfill_rollups()
+        with store_errors("The ledger"):
+            await publish_holds_snapshot(self.redis)
 
     async def backfill_rollups(self) -> int:
         """Count, once, the ledger entries written before the scripts kept rollups (idempotent:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from app.errors import Unavailable, error_response
-from app.ops.holds import outstanding_holds
+from app.ops.holds import holds_from_snapshot
 from app.ops.metrics import metrics_of, metrics_response
 from app.ops.shutdown import InflightTracker
 from app.schemas import error_responses
@@ -104,9 +104,11 @@ async def metrics(request: Request) -> Response:
     if inflight is not None:
         app_metrics.inflight.set(inflight.count)
     redis = getattr(request.app.state, "redis", None)
-    if not app_metrics.has_holds_source and redis is not None:
-        app_metrics.set_holds_source(lambda: outstanding_holds(redis))
     settings: Settings = request.app.state.settings
+    if not app_metrics.has_holds_source and redis is not None:
+        # Fresh while a drainer publishes it each cycle (see app.ops.holds).
+        max_age_s = max(3 * settings.ledger_drain_interval_s, 15.0)
+        app_metrics.set_holds_source(lambda: holds_from_snapshot(redis, max_age_s))
     return await metrics_response(
         app_metrics,
         holds_timeout_s=settings.redis_connect_timeout_s + settings.redis_socket_timeout_s,

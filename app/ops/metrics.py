@@ -10,7 +10,10 @@ metric                                     type       labels
 ``falgate_http_request_duration_seconds``  histogram  ``route``, ``method``
 ``falgate_upstream_request_duration_se…``  histogram  ``endpoint``, ``outcome``
 ``falgate_settled_micro_usd_total``        counter    ``model``
-``falgate_holds_outstanding``              gauge      - (all processes; read from Redis on scrape)
+``falgate_key_settled_micro_usd_total``    counter    ``key`` (key id; only with
+                                                      ``FALGATE_METRICS_KEY_LABEL=true``)
+``falgate_holds_outstanding``              gauge      - (all processes; a snapshot in Redis
+                                                      kept by the ledger drainer)
 ``falgate_holds_outstanding_micro_usd``    gauge      - (idem)
 ``falgate_inflight_requests``              gauge      - (this process's metered requests)
 ``falgate_budget_rejections_total``        counter    ``model`` (402s)
@@ -99,6 +102,14 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Spend by key is opt-in (``FALGATE_METRICS_KEY_LABEL``): one series per key.
+        self.key_label = False
+        self.key_settled = Counter(
+            "falgate_key_settled_micro_usd",
+            "Micro-dollars settled (charged) by key id (opt-in: FALGATE_METRICS_KEY_LABEL).",
+            ["key"],
+            registry=r,
+        )
         self.holds_outstanding = Gauge(
             "falgate_holds_outstanding",
             "Holds placed and not yet settled or released, across all processes.",
@@ -150,9 +161,11 @@ class Metrics:
     def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.upstream_duration.labels(_label(endpoint), _label(outcome)).observe(seconds)
 
-    def record_settled(self, model: str, micro: int) -> None:
+    def record_settled(self, model: str, micro: int, key_id: str | None = None) -> None:
         if micro > 0:
             self.settled.labels(_label(model)).inc(micro)
+            if self.key_label and key_id:
+                self.key_settled.labels(_label(key_id)).inc(micro)
 
     def record_redis_error(self, operation: str = "") -> None:
         self.redis_errors.labels(_label(operation)).inc()
@@ -223,11 +236,11 @@ def observe_upstream(endpoint: str, outcome: str, seconds: float) -> None:
         metrics.observe_upstream(endpoint, outcome, seconds)
 
 
-def record_settled(model: str, micro: int) -> None:
+def record_settled(model: str, micro: int, key_id: str | None = None) -> None:
     """A hold was settled for ``micro`` micro-dollars on ``model`` (a catalog id)."""
     metrics = _bound.get()
     if metrics is not None:
-        metrics.record_settled(model, micro)
+        metrics.record_settled(model, micro, key_id)
 
 
 def record_redis_error(operation: str = "") -> None:
