@@ -139,6 +139,7 @@ async def pair(
         "FALGATE_LEDGER_DRAIN_BATCH": "40",
         "FALGATE_LEDGER_DRAIN_LEASE_S": "2",
         "FALGATE_REDIS_SOCKET_TIMEOUT_S": "2",
+        "FALGATE_METRICS_KEY_LABEL": "true",
     }
     gateways = [deployment.start_gateway(**env), deployment.start_gateway(**env)]
     yield gateways
@@ -220,6 +221,21 @@ async def test_two_gateways_archive_export_and_report_the_exact_ledger(
                 if key_id is None and group_by != "key":
                     continue  # other tests' keys share the model and day groups
                 assert got == recompute(entries, group_by)
+
+        # Spend by key on /metrics (opt-in), summed over both processes, is the settled total.
+        by_key = recompute(whole, "key")
+        for key_id in ids:
+            scraped = 0
+            for gateway in pair:
+                async with gateway.client() as plain:
+                    text = (await plain.get("/metrics")).text
+                scraped += sum(
+                    int(float(line.rsplit(" ", 1)[1]))
+                    for line in text.splitlines()
+                    if line.startswith(f'falgate_key_settled_micro_usd_total{{key="{key_id}"}}')
+                )
+            assert format_usd(scraped) == by_key[key_id]["amount_usd"]
+            assert "falgate_holds_outstanding 0.0" in text
 
         for bad in ({"after": "not-a-cursor"}, {"limit": "0"}, {"format": "xml"}):
             response = await admin.get("/admin/ledger", params=bad)
