@@ -279,3 +279,45 @@ def test_a_cursor_that_was_not_issued_is_a_bad_request() -> None:
 @pytest.fixture
 def price() -> Any:
     return lambda amount: Price(amount=amount, pixels=786_432, unit_price=15_000)
+
+
+def run_cli(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env, capture_output=True
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+async def test_the_command_line_drains_exports_and_reports(
+    ledger: LedgerService,
+    r: Any,
+    private_redis_server: EmbeddedRedis,
+    ledger_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    await add_key(r, "key_a")
+    ids = await xadd_many(r, "key_a", 12)
+    env = {
+        **os.environ,
+        "FALGATE_REDIS_URL": private_redis_server.url,
+        "FALGATE_DATA_DIR": str(tmp_path),
+        "FALGATE_LEDGER_DATABASE_URL": str(ledger_settings.ledger_database_url),
+    }
+    drained = await asyncio.to_thread(run_cli, env, "ledger", "drain")
+    assert json.loads(drained)["archived"] == 12
+    await xadd_many(r, "key_a", 3)  # a tail after the archive
+    text = await asyncio.to_thread(run_cli, env, "usage", "--ledger", "csv", "--limit", "5")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [row["entry_id"] for row in rows] == ids[:5]
+    text = await asyncio.to_thread(
+        run_cli, env, "usage", "--ledger", "jsonl", "--after", rows[-1]["cursor"]
+    )
+    assert [json.loads(line)["entry_id"] for line in text.splitlines()][:7] == ids[5:]
+    assert len(text.splitlines()) == 10
+    report = json.loads(await asyncio.to_thread(run_cli, env, "usage", "--group-by", "model"))
+    assert report["rows"][0]["model"] == "fal-ai/flux/dev"
+    # The drain backfilled the 12 entries written before rollups; the 3 written later without
+    # the settle script (which keeps rollups) are not in them.
+    assert report["total"]["requests"] == 12
+    assert report["total"]["amount_usd"] == "0.000186"  # 10 + 11 + ... + 21 micro-dollars
