@@ -38,6 +38,7 @@ log = logging.getLogger("falgate.ledger.drainer")
 LEASE_KEY = "falgate:ledger:drainer"
 ARCHIVE_KEY = "falgate:ledger:archive"
 _KEYS_PER_ROUND_TRIP = 256
+_ENTRIES_PER_ROUND_TRIP = 4000
 _STOP_TIMEOUT_S = 10.0
 
 Entries = list[tuple[str, dict[str, str]]]
@@ -137,8 +138,10 @@ class Drainer:
     ) -> dict[str, Entries]:
         """The next ``count`` unarchived entries of each key (one round trip per chunk)."""
         found: dict[str, Entries] = {}
-        for start in range(0, len(key_ids), _KEYS_PER_ROUND_TRIP):
-            chunk = key_ids[start : start + _KEYS_PER_ROUND_TRIP]
+        # Bounded replies: a round trip carries at most ~_ENTRIES_PER_ROUND_TRIP entries.
+        keys_per_trip = max(1, min(_KEYS_PER_ROUND_TRIP, _ENTRIES_PER_ROUND_TRIP // count))
+        for start in range(0, len(key_ids), keys_per_trip):
+            chunk = key_ids[start : start + keys_per_trip]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key_id in chunk:
                     pipe.xrange(keyspace.ledger(key_id), _after(progress.get(key_id)), "+", count)
