@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import FalgateError
-from app.ledger.database import LedgerDatabase, Progress, parse_entry_id
+from app.ledger.database import LedgerDatabase, Progress, decoded, parse_entry_id
 from app.metering import keyspace
 from app.metering.lua import LuaScript, text
 
@@ -81,7 +81,8 @@ class DrainerLease:
 
 
 def _entries(raw: Any) -> Entries:
-    return [(text(i), {text(k): text(v) for k, v in f.items()}) for i, f in raw or []]
+    """Stream entries as ``(id, fields)`` (the client decodes replies to ``str``)."""
+    return [(i if isinstance(i, str) else text(i), dict(decoded(f))) for i, f in raw or []]
 
 
 def _after(progress: Progress | None) -> str:
@@ -158,22 +159,40 @@ class Drainer:
         report = DrainReport()
         key_ids = await self._key_ids()
         report.keys = len(key_ids)
-        progress = await asyncio.to_thread(self.database.progress)
+        progress = await asyncio.to_thread(self.database.progress)  # committed
+        read_from = dict(progress)  # read ahead of the commits
         per_key = max(1, min(self.batch_size, 500))
         pending = list(key_ids)
-        while pending:
-            found = await self._read(pending, progress, per_key)
-            pending = [k for k, entries in found.items() if len(entries) >= per_key]
-            batch: dict[str, Entries] = {}
-            size = 0
-            for key_id, entries in found.items():
-                batch[key_id] = entries
-                size += len(entries)
-                if size >= self.batch_size:
-                    await self._commit(batch, progress, report)
-                    batch, size = {}, 0
-            if batch:
-                await self._commit(batch, progress, report)
+        committing: asyncio.Task[None] | None = None
+
+        async def commit(batch: dict[str, Entries]) -> None:
+            # One transaction at a time, in order; the next batch is read from Redis while
+            # the previous one is written to SQL.
+            nonlocal committing
+            if committing is not None:
+                await committing
+            committing = asyncio.create_task(self._commit(batch, progress, report))
+
+        try:
+            while pending:
+                found = await self._read(pending, read_from, per_key)
+                pending = [k for k, entries in found.items() if len(entries) >= per_key]
+                batch: dict[str, Entries] = {}
+                size = 0
+                for key_id, entries in found.items():
+                    read_from[key_id] = Progress(*parse_entry_id(entries[-1][0]))
+                    batch[key_id] = entries
+                    size += len(entries)
+                    if size >= self.batch_size:
+                        await commit(batch)
+                        batch, size = {}, 0
+                if batch:
+                    await commit(batch)
+            if committing is not None:
+                await committing
+        finally:
+            if committing is not None and not committing.done():
+                committing.cancel()
         report.trimmed = await self.trim(progress)
         report.caught_up = True
         if self._after_drain is not None:
