@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from app.catalog.pricing import Price
 from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized, Unavailable
 from app.metering import keyspace
@@ -491,13 +493,17 @@ class Meter:
 
         The current period is taken from Redis's clock, as the scripts take it.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keyspace.meta(key_id))
-            pipe.hgetall(keyspace.budget(key_id))
-            pipe.hlen(keyspace.inflight(key_id))
-            pipe.time()
-            with store_errors():
-                raw_meta, raw_budget, in_flight, redis_time = await pipe.execute()
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keyspace.meta(key_id))
+                pipe.hgetall(keyspace.budget(key_id))
+                pipe.hlen(keyspace.inflight(key_id))
+                if not isinstance(self.redis, RedisCluster):
+                    pipe.time()
+                replies = await pipe.execute()
+            # A cluster pipeline refuses TIME (it has no key): ask one node on its own.
+            redis_time = replies[3] if len(replies) > 3 else await self.redis.time()
+        raw_meta, raw_budget, in_flight = replies[:3]
         meta = {text(k): text(v) for k, v in raw_meta.items()}
         if not meta:
             raise NotFound(f"Unknown key '{key_id}'.")
