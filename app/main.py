@@ -180,11 +180,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(leases.stop)
         deferred = DeferredWrites(redis)
         stack.push_async_callback(deferred.drain, settings.shutdown_grace_s)
-        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred)
         sweeper = Sweeper(redis, settings, process_id, fal)
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
+        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred, sweeper)
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)

@@ -29,6 +29,7 @@ from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
 from app.metering.lua import ScriptCall, run_together
 from app.metering.meter import Admission, AdmitRequest, Meter, Settlement
+from app.metering.sweeper import Sweeper
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
 from app.ratelimit.upstream_gate import UpstreamGate
@@ -231,6 +232,16 @@ class MoneyPath:
     inflight: InflightTracker
     leases: LeaseKeeper
     deferred: DeferredWrites
+    resolver: Sweeper
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A job in fal's queue, handed to the resolver: settled when fal finishes it."""
+
+    request_id: str
+    upstream_request_id: str
+    admission: Admission
 
 
 def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
@@ -243,6 +254,41 @@ def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
     accepted = type(exc)(message, param=exc.param, headers=exc.headers, extra=exc.extra)
     accepted.__cause__ = exc
     return accepted
+
+
+async def submit(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Submitted:
+    """Admit a job and put it in fal's queue, then return at once (fal's own queue API).
+
+    The same admission as :func:`execute`; once fal accepted the job its hold is handed to
+    the resolver, which settles it when fal finishes, whether or not the client ever asks for
+    the result (and releases it if fal cancels or fails it without output).
+    """
+    with path.inflight.track():
+        request = _admit_request(job, key, request_id)
+        admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
+        try:
+            admission, granted = await path.inflight.shield(admitting)
+        except asyncio.CancelledError:
+            await path.inflight.shield(_release_once_admitted(admitting, path))
+            raise
+        with path.leases.keep(key.id, request_id):
+            try:
+                if not granted:
+                    await path.gate.acquire(key.id, request_id)
+                fal_request_id = await path.fal.submit(job.call)
+            except BaseException as exc:
+                reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+                await path.inflight.shield(_release_all(path, admission, reason))
+                raise
+            calls = (
+                path.gate.release_call(request_id),
+                path.meter.detached_call(admission, fal_request_id),
+            )
+            try:
+                await path.inflight.shield(run_together(path.meter.redis, *calls))
+            except Unavailable:
+                path.deferred.later(*calls)
+        return Submitted(request_id, fal_request_id, admission)
 
 
 async def execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
