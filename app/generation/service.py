@@ -9,8 +9,10 @@ settle the hold to the real cost of what fal returned, or release it on any fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,17 +266,8 @@ async def submit(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Sub
     the result (and releases it if fal cancels or fails it without output).
     """
     with path.inflight.track():
-        request = _admit_request(job, key, request_id)
-        admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
-        try:
-            admission, granted = await path.inflight.shield(admitting)
-        except asyncio.CancelledError:
-            await path.inflight.shield(_release_once_admitted(admitting, path))
-            raise
-        with path.leases.keep(key.id, request_id):
+        async with _admitted(job, key, request_id, path) as admission:
             try:
-                if not granted:
-                    await path.gate.acquire(key.id, request_id)
                 fal_request_id = await path.fal.submit(job.call)
             except BaseException as exc:
                 reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
@@ -414,9 +407,15 @@ async def _settle_and_free(
             delay = min(delay * 2, 1.0)
 
 
-async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
-    request = _admit_request(job, key, request_id)
-    admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
+@contextlib.asynccontextmanager
+async def _admitted(
+    job: Job, key: ApiKey, request_id: str, path: MoneyPath
+) -> AsyncIterator[Admission]:
+    """Admitted, with an upstream slot, the hold's lease renewed while the block runs; a
+    failure before the block (refusal, no slot in time) leaves nothing held."""
+    admitting = asyncio.ensure_future(
+        _admit_and_reserve(_admit_request(job, key, request_id), path)
+    )
     try:
         admission, granted = await path.inflight.shield(admitting)
     except asyncio.CancelledError:
@@ -431,6 +430,11 @@ async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> O
             except BaseException:
                 await path.inflight.shield(_release_all(path, admission, "failed"))
                 raise
+        yield admission
+
+
+async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+    async with _admitted(job, key, request_id, path) as admission:
         return await _forward(job, admission, path)
 
 
