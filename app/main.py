@@ -182,11 +182,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(leases.stop)
         deferred = DeferredWrites(redis)
         stack.push_async_callback(deferred.drain, settings.shutdown_grace_s)
-        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred)
         sweeper = Sweeper(redis, settings, process_id, fal)
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
+        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred, sweeper)
 
         # The ledger at rest (issue 12): the SQL archive, migrated here, and its drainer.
         ledger = LedgerService.from_settings(redis, settings)
