@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
-from app.errors import add_exception_handlers
+from app.errors import Unavailable, add_exception_handlers
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
 from app.http import BodyLimitMiddleware
@@ -191,7 +191,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The ledger at rest (issue 12): the SQL archive, migrated here, and its drainer.
         ledger = LedgerService.from_settings(redis, settings)
         stack.callback(ledger.close)
-        await ledger.migrate()
+        try:
+            await ledger.migrate()
+        except Unavailable:  # money in flight does not need the archive: serve, retry later
+            log.error("the ledger archive database is unreachable; it is migrated when it is back")
         app.state.ledger = ledger
         metrics_of(app).key_label = settings.metrics_key_label
         if settings.ledger_drain_interval_s > 0:

@@ -134,6 +134,7 @@ class LedgerDatabase:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._migrated = False
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
@@ -197,7 +198,14 @@ class LedgerDatabase:
                 applied.append(migration.version)
         if applied:
             log.info("ledger archive migrated", extra={"versions": applied})
+        self._migrated = True
         return applied
+
+    def ensure_migrated(self) -> None:
+        """Migrate once per process (the gateway starts even while the archive is down; the
+        drainer and the reports migrate when it is back)."""
+        if not self._migrated:
+            self.migrate()
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:

@@ -121,6 +121,7 @@ class Drainer:
     async def _check_archive(self) -> None:
         """Refuse to drain this Redis into a second, different archive."""
         if self._archive_id is None:
+            await asyncio.to_thread(self.database.ensure_migrated)
             self._archive_id = await asyncio.to_thread(self.database.archive_id)
         await self.redis.set(ARCHIVE_KEY, self._archive_id, nx=True)
         recorded = text(await self.redis.get(ARCHIVE_KEY))

@@ -86,6 +86,7 @@ class LedgerService:
     async def _snapshot(self, key_id: str | None) -> tuple[list[str], dict[str, Progress]]:
         key_ids = await self._key_ids(key_id)
         with archive_errors():
+            await asyncio.to_thread(self.database.ensure_migrated)
             progress = await asyncio.to_thread(self.database.progress)
         return key_ids, progress
 
