@@ -241,3 +241,19 @@ async def test_two_gateways_archive_export_and_report_the_exact_ledger(
             response = await admin.get("/admin/ledger", params=bad)
             assert response.status_code == 400, response.text
             assert response.json()["error"]["type"] == "invalid_request"
+
+
+def test_the_gateway_meters_while_the_archive_database_is_down(gateways: Any) -> None:
+    gateway = gateways.start(FALGATE_LEDGER_DATABASE_URL="postgresql://falgate@127.0.0.1:1/none")
+    try:
+        _, key = gateway.create_key(name="no-archive")
+        with gateway.client(key) as client:
+            response = client.post("/v1/generate", json={"prompt": "x", "image_size": "square"})
+            assert response.status_code == 200, response.text
+        with gateway.admin() as admin:
+            response = admin.get("/admin/ledger")
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["type"] == "unavailable"
+        assert "Traceback" not in response.text
+    finally:
+        gateway.stop()
