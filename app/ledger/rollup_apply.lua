@@ -1,8 +1,8 @@
 -- Add a key's backfilled rollups once: totals of the ledger entries before 'since'.
 --
 -- KEYS: 1 rollup state ({k:<id>}:rollup), 2 rollup month prefix ({k:<id>}:rollup:)
--- ARGV: 1 the 'since' the totals were computed for, then triplets: month (YYYY-MM),
---       field (<day>|<model>|<operation>|<metric>), value
+-- ARGV: 1 the 'since' the totals were computed for, then triplets: hash suffix
+--       ('YYYY-MM', 'YYYY-MM:d' or 'YYYY-MM:m', as resolve.lua keeps them), field, value
 -- Reply: 1 applied now, 0 already applied (or 'since' moved: recompute)
 
 local state, prefix = KEYS[1], KEYS[2]
@@ -15,8 +15,9 @@ end
 local first = redis.call('HGET', state, 'first')
 for i = 2, #ARGV, 3 do
   redis.call('HINCRBY', prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  if not first or ARGV[i] < first then
-    first = ARGV[i]
+  local month = string.sub(ARGV[i], 1, 7)
+  if not first or month < first then
+    first = month
   end
 end
 if first then

@@ -1,11 +1,15 @@
 """Usage rollups: per key x UTC day x model x operation totals, kept by ``resolve.lua``.
 
-Layout (see ``app.metering.keyspace``): ``{k:<id>}:rollup:<YYYY-MM>`` hashes with fields
-``<YYYY-MM-DD>|<model>|<operation>|<metric>`` - metric ``requests`` (settled), ``released``,
-``images``, ``pixels``, ``micro`` (charged micro-dollars) - and the state hash
-``{k:<id>}:rollup`` (``since``, ``backfilled``, ``first``).
+Layout (see ``app.metering.keyspace``), per key and UTC month, three views of the same totals
+- metric ``requests`` (settled), ``released``, ``images``, ``pixels``, ``micro`` (charged
+micro-dollars):
 
-Reading a report costs one ``HGETALL`` per key and month of the window, pipelined: O(groups),
+- ``{k:<id>}:rollup:<YYYY-MM>``    fields ``<YYYY-MM-DD>|<model>|<operation>|<metric>``
+- ``{k:<id>}:rollup:<YYYY-MM>:d``  fields ``<YYYY-MM-DD>|<metric>``
+- ``{k:<id>}:rollup:<YYYY-MM>:m``  fields ``<model>|<operation>|<metric>`` (the whole month)
+
+and the state hash ``{k:<id>}:rollup`` (``since``, ``backfilled``, ``first``). A report reads,
+per key and month of its window, the smallest view that answers it (pipelined): O(groups),
 whatever the number of ledger entries.
 """
 
@@ -23,6 +27,42 @@ METRICS = ("requests", "released", "images", "pixels", "micro")
 GroupKey = tuple[str, str, str, str]  # key id, UTC day (YYYY-MM-DD), model, operation
 
 _KEYS_PER_ROUND_TRIP = 256
+
+
+@dataclass(frozen=True)
+class RollupPart:
+    """One month hash to read: ``kind`` ``""`` (day x model x operation), ``"d"`` (by day) or
+    ``"m"`` (model x operation, whole month); days outside ``first_day..last_day`` skipped."""
+
+    month: str
+    kind: str = ""
+    first_day: str = "0000-00-00"
+    last_day: str = "9999-99-99"
+
+
+def _add_fields(
+    groups: dict[GroupKey, dict[str, int]], key_id: str, part: RollupPart, fields: Any
+) -> None:
+    low, high = part.first_day, part.last_day
+    for raw_name, raw_value in fields.items():
+        name = text(raw_name)
+        if part.kind == "m":
+            model, operation, metric = name.rsplit("|", 2)
+            group = (key_id, part.month, model, operation)
+        elif part.kind == "d":
+            day, metric = name.split("|", 1)
+            if not low <= day <= high:
+                continue
+            group = (key_id, day, "", "")
+        else:
+            day, model, operation, metric = name.rsplit("|", 3)
+            if not low <= day <= high:
+                continue
+            group = (key_id, day, model, operation)
+        totals = groups.get(group)
+        if totals is None:
+            totals = groups[group] = {}
+        totals[metric] = totals.get(metric, 0) + int(raw_value)
 
 
 @dataclass(frozen=True)
@@ -74,24 +114,22 @@ class Rollups:
         return found
 
     async def read(
-        self, key_ids: Sequence[str], months: Sequence[str], first_day: str, last_day: str
+        self, key_ids: Sequence[str], parts: Sequence[RollupPart]
     ) -> dict[GroupKey, dict[str, int]]:
-        """Totals per group for the days ``first_day..last_day`` (inclusive, ISO dates)."""
-        pairs = [(k, m) for k in key_ids for m in months]
+        """Totals per group from the given month hashes of every key (one round trip per
+        ~256 hashes). Groups of a ``"d"`` part have no model/operation (``""``); those of an
+        ``"m"`` part have the month (``YYYY-MM``) for day."""
+        pairs = [(k, p) for k in key_ids for p in parts]
         groups: dict[GroupKey, dict[str, int]] = {}
         for start in range(0, len(pairs), _KEYS_PER_ROUND_TRIP):
             chunk = pairs[start : start + _KEYS_PER_ROUND_TRIP]
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key_id, month in chunk:
-                    pipe.hgetall(keyspace.rollup_month(key_id, month))
+                for key_id, part in chunk:
+                    suffix = part.month if not part.kind else f"{part.month}:{part.kind}"
+                    pipe.hgetall(keyspace.rollup_month(key_id, suffix))
                 replies = await pipe.execute()
-            for (key_id, _), fields in zip(chunk, replies, strict=True):
-                for name, value in fields.items():
-                    day, model, operation, metric = text(name).rsplit("|", 3)
-                    if not first_day <= day <= last_day:
-                        continue
-                    group = groups.setdefault((key_id, day, model, operation), {})
-                    group[metric] = group.get(metric, 0) + int(text(value))
+            for (key_id, part), fields in zip(chunk, replies, strict=True):
+                _add_fields(groups, key_id, part, fields)
         return groups
 
     async def mark(self, key_id: str) -> tuple[str, bool]:
@@ -105,10 +143,21 @@ class Rollups:
         self, key_id: str, since: str, totals: Iterable[tuple[str, str, str, Mapping[str, int]]]
     ) -> bool:
         """Add backfilled totals ``(day, model, operation, {metric: value})`` once."""
-        args: list[str | int | float] = [since]
+        # The same three views resolve.lua keeps (see RollupPart).
+        sums: dict[tuple[str, str], int] = {}
         for day, model, operation, metrics in totals:
+            month = day[:7]
             for metric, value in metrics.items():
-                if value:
-                    args += [day[:7], f"{day}|{model}|{operation}|{metric}", value]
+                if not value:
+                    continue
+                for target in (
+                    (month, f"{day}|{model}|{operation}|{metric}"),
+                    (f"{month}:d", f"{day}|{metric}"),
+                    (f"{month}:m", f"{model}|{operation}|{metric}"),
+                ):
+                    sums[target] = sums.get(target, 0) + value
+        args: list[str | int | float] = [since]
+        for (suffix, name), value in sums.items():
+            args += [suffix, name, value]
         keys = [keyspace.rollup_state(key_id), keyspace.rollup_month_prefix(key_id)]
         return bool(int(text(await self._apply(keys, args))))

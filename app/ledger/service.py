@@ -23,7 +23,7 @@ from app.ledger.export import (
     loop_bridge,
     merged_rows,
 )
-from app.ledger.rollups import GroupKey, Rollups, month_of, months_between
+from app.ledger.rollups import GroupKey, RollupPart, Rollups, month_of, months_between
 from app.metering import keyspace
 from app.metering.lua import store_errors, text
 from app.money import format_usd
@@ -164,13 +164,9 @@ class LedgerService:
         if whole_days and firsts:
             low = max(month_of(first_day), min(firsts)) if first_day else min(firsts)
             high = month_of(last_day) if last_day else _next_month(datetime.now(UTC).date())
+            parts = _rollup_parts(months_between(low, high), first_day, last_day, group_by)
             with store_errors("The ledger"):
-                raw = await self.rollups.read(
-                    ready,
-                    months_between(low, high),
-                    first_day.isoformat() if first_day else "0000-00-00",
-                    last_day.isoformat() if last_day else "9999-99-99",
-                )
+                raw = await self.rollups.read(ready, parts)
             add({g: Totals.from_metrics(m) for g, m in raw.items()})
         if ready:
             ready_set = set(ready)
@@ -350,6 +346,32 @@ def _partial_ranges(
     if end is not None and last is not None and _midnight(last + ONE_DAY) < end:
         ranges.append((_ms(_midnight(last + ONE_DAY)), _ms(end)))
     return ranges
+
+
+def _rollup_parts(
+    months: list[str], first: date | None, last: date | None, group_by: GroupBy
+) -> list[RollupPart]:
+    """The smallest rollup view of each month that answers ``group_by`` for the whole days
+    ``first..last``: a whole month by key or model from its month totals, a day grouping (or
+    a key's part of a month) from the by-day view, a model's part of a month from the detail."""
+    low = first.isoformat() if first else "0000-00-00"
+    high = last.isoformat() if last else "9999-99-99"
+    parts = []
+    for month in months:
+        whole = low <= f"{month}-01" and _month_end(month) <= high
+        if whole and group_by != "day":
+            parts.append(RollupPart(month, "m"))
+        elif group_by == "model":
+            parts.append(RollupPart(month, "", low, high))
+        else:
+            parts.append(RollupPart(month, "d", low, high))
+    return parts
+
+
+def _month_end(month: str) -> str:
+    year, number = int(month[:4]), int(month[5:7])
+    following = date(year + number // 12, number % 12 + 1, 1)
+    return (following - ONE_DAY).isoformat()
 
 
 def _next_month(day: date) -> str:

@@ -142,21 +142,30 @@ table.insert(entry, 'process_id')
 table.insert(entry, ARGV[8])
 local entry_id = redis.call('XADD', ledger_key, '*', unpack(entry))
 
--- Rollups (what usage reports read): per UTC day x model x operation, in a hash per month.
--- 'since' is the first ledger entry counted here; the one-time backfill counts those before.
+-- Rollups (what usage reports read), per UTC month: '<YYYY-MM>' by day x model x operation,
+-- '<YYYY-MM>:d' by day, '<YYYY-MM>:m' by model x operation for the whole month. 'since' is
+-- the first ledger entry counted here; the one-time backfill counts those before it.
 local days = math.floor(now_us / 86400000000)
 local year, month = civil_from_days(days)
 local day = days - days_from_civil(year, month, 1) + 1
 local month_name = string.format('%04d-%02d', year, month)
-local rollup_key = KEYS[9] .. month_name
-local group = string.format('%s-%02d|%s|%s|', month_name, day, hold.model, hold.operation)
-if mode == 'settle' then
-  redis.call('HINCRBY', rollup_key, group .. 'requests', 1)
-  redis.call('HINCRBY', rollup_key, group .. 'images', images)
-  redis.call('HINCRBY', rollup_key, group .. 'pixels', pixels)
-  redis.call('HINCRBY', rollup_key, group .. 'micro', charged)
-else
-  redis.call('HINCRBY', rollup_key, group .. 'released', 1)
+local day_name = string.format('%s-%02d', month_name, day)
+local by_model = hold.model .. '|' .. hold.operation .. '|'
+local rollups = {
+  {KEYS[9] .. month_name, day_name .. '|' .. by_model},
+  {KEYS[9] .. month_name .. ':d', day_name .. '|'},
+  {KEYS[9] .. month_name .. ':m', by_model},
+}
+for _, target in ipairs(rollups) do
+  local key, group = target[1], target[2]
+  if mode == 'settle' then
+    redis.call('HINCRBY', key, group .. 'requests', 1)
+    redis.call('HINCRBY', key, group .. 'images', images)
+    redis.call('HINCRBY', key, group .. 'pixels', pixels)
+    redis.call('HINCRBY', key, group .. 'micro', charged)
+  else
+    redis.call('HINCRBY', key, group .. 'released', 1)
+  end
 end
 redis.call('HSETNX', KEYS[8], 'since', entry_id)
 local first = redis.call('HGET', KEYS[8], 'first')

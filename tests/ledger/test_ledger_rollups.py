@@ -127,11 +127,15 @@ async def test_rollups_equal_the_raw_ledger_before_and_after_archiving(
 
     # Windows with edges inside a day: whole days from rollups, the edges from the raw ledger.
     now = datetime.now(UTC)
+    this_month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    last_month = (this_month - timedelta(days=1)).replace(day=1)
     for start, end in [
         (now - timedelta(days=2, hours=5), now + timedelta(minutes=1)),
         (now - timedelta(days=1, hours=20), now - timedelta(days=1, hours=3)),
         (now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2), None),
         (None, now - timedelta(hours=30)),
+        (this_month - timedelta(days=40), this_month),  # ends with a whole calendar month
+        (last_month, this_month),  # exactly one calendar month
     ]:
         await assert_rollups_match_the_raw_ledger(ledger, start, end)
 
