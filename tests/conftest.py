@@ -197,6 +197,8 @@ class GatewayFactory:
             "FALGATE_PROCESS_LEASE_S": "2",
             "FALGATE_DEFAULT_RPM": "100000",
             "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
+            # Every gateway on one Redis shares one ledger archive, as in production.
+            "FALGATE_LEDGER_DATABASE_URL": f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
         }
         for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
             full_env.pop(name, None)

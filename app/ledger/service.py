@@ -14,7 +14,7 @@ import sqlalchemy.exc
 
 from app.errors import Unavailable
 from app.ledger.database import LedgerDatabase, Progress, Row, database_url, parse_entry_id
-from app.ledger.drainer import Drainer
+from app.ledger.drainer import ARCHIVE_KEY, Drainer
 from app.ledger.export import (
     ExportQuery,
     Format,
@@ -51,6 +51,7 @@ class LedgerService:
         self.database = database
         self.settings = settings
         self.rollups = Rollups(redis)
+        self._archive_id: str | None = None
 
     @classmethod
     def from_settings(cls, redis: Any, settings: Settings) -> LedgerService:
@@ -87,7 +88,18 @@ class LedgerService:
         key_ids = await self._key_ids(key_id)
         with archive_errors():
             await asyncio.to_thread(self.database.ensure_migrated)
+            if self._archive_id is None:
+                self._archive_id = await asyncio.to_thread(self.database.archive_id)
             progress = await asyncio.to_thread(self.database.progress)
+        with store_errors("The ledger"):
+            recorded = await self.redis.get(ARCHIVE_KEY)
+        if recorded is not None and text(recorded) != self._archive_id:
+            # Entries trimmed from Redis live in the other archive: an answer from this one
+            # would silently miss them.
+            raise Unavailable(
+                "This gateway's ledger archive is not the one this Redis is archived into: "
+                "set the same FALGATE_LEDGER_DATABASE_URL on every gateway process."
+            )
         return key_ids, progress
 
     async def export(self, query: ExportQuery, fmt: Format) -> AsyncIterator[bytes]:

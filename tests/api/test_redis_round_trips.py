@@ -28,6 +28,7 @@ def test_two_round_trips_per_admitted_request(gateways: GatewayFactory, tmp_path
         FALGATE_AUTH_CACHE_TTL_S="600",  # the key is looked up once, then cached
         FALGATE_SWEEPER_INTERVAL_S="3600",
         FALGATE_PROCESS_LEASE_S="600",  # no lease renewals during the measurement
+        FALGATE_LEDGER_DRAIN_INTERVAL_S="0",  # nor ledger drains
     )
     probe = redis.Redis.from_url(own.url)
     try:

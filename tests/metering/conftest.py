@@ -178,6 +178,8 @@ class Deployment:
             "FALGATE_PROCESS_LEASE_S": "1.5",
             "FALGATE_DEFAULT_RPM": "100000",
             "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
+            # Every gateway on one Redis shares one ledger archive, as in production.
+            "FALGATE_LEDGER_DATABASE_URL": f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
             **env,
         }
         for name in ("FAL_KEY", "FALGATE_FAL_KEY"):

@@ -96,3 +96,4 @@ async def test_rollups_archive_and_export_on_a_cluster(cluster: Any, settings: S
     report = await ledger.usage(key_id=None, start=None, end=None, group_by="key")
     assert [r for r in report["rows"] if r["key"] in key_ids] == expected
     ledger.close()
+    await cluster.delete("falgate:ledger:archive")  # leave the cluster as it was
