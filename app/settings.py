@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     sweeper_interval_s: float = 5.0
     process_lease_s: float = 15.0
 
+    # --- Sapiom control plane (SPEC section 12) -------------------------------
+    sapiom_transaction_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

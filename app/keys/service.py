@@ -239,14 +239,22 @@ class KeyService:
         if cached is not None and cached[0] > now:
             key = cached[1]
         else:
-            key_id = await self.redis.get(hash_index_key(digest))
-            raw = await self.redis.hgetall(meta_key(key_id)) if key_id else {}
-            if not raw:
-                raise Unauthorized("Invalid API key.")
-            key = ApiKey.from_hash(raw)
+            key = await self.lookup(plaintext)
             if cache_ttl_s > 0:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
                 self._cache[digest] = (now + cache_ttl_s, key)
         key.check_usable()
         return key
+
+    async def lookup(self, plaintext: str) -> ApiKey:
+        """The record behind a presented secret as stored now, whatever its status; 401 only
+        for a secret that is no key at all (the Sapiom control plane answers a revoked or
+        expired key with a denied transaction rather than a 401)."""
+        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
+            raise Unauthorized("Invalid API key.")
+        key_id = await self.redis.get(hash_index_key(hash_key(plaintext)))
+        raw = await self.redis.hgetall(meta_key(key_id)) if key_id else {}
+        if not raw:
+            raise Unauthorized("Invalid API key.")
+        return ApiKey.from_hash(raw)
