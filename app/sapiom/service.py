@@ -8,7 +8,7 @@ short-lived, single-use credential for exactly the request it was created for:
 - its id is ``stx_<key id>_<32 random hex digits>``: the gateway generates it, the key id says
   where it is stored, the random part is the secret;
 - it is stored as ``{k:<key id>}:sapiom:tx:<sha256 of the random part>`` (a hash: ``status``,
-  ``method``, ``url``, ``used``, ``outcome``) under the key's hash tag, expiring after
+  ``method``, ``url``, ``used``, ``reason``, ``outcome``) under the key's hash tag, expiring after
   ``FALGATE_SAPIOM_TRANSACTION_TTL_S`` (5 minutes) by Redis's own clock;
 - presenting it consumes it atomically (``redeem.lua``), whatever the outcome; it authenticates
   only the method and URL the SDK declared, compared after normalising scheme and host case and
@@ -180,7 +180,8 @@ class SapiomService:
         transaction_id = TransactionId.new(key.id)
         with store_errors(_STORE):
             await self._create(
-                [transaction_id.storage_key], [status, facts.method.upper(), url, self.ttl_ms]
+                [transaction_id.storage_key],
+                [status, facts.method.upper(), url, self.ttl_ms, reason or ""],
             )
         return TransactionOut(id=str(transaction_id), status=status, reason=reason)
 
@@ -194,10 +195,12 @@ class SapiomService:
         """The status of one of ``key``'s transactions (404 for anyone else's or an expired one)."""
         parsed = self._own(key, transaction_id)
         with store_errors(_STORE):
-            status = optional_text(await self._redis.hget(parsed.storage_key, "status"))
+            status, reason = await self._redis.hmget(parsed.storage_key, ["status", "reason"])
         if status is None:
             raise NotFound("No such transaction (or it expired).", param="id")
-        return TransactionOut.model_validate({"id": str(parsed), "status": status})
+        return TransactionOut.model_validate(
+            {"id": str(parsed), "status": text(status), "reason": optional_text(reason) or None}
+        )
 
     async def complete(
         self, key: ApiKey, transaction_id: str, body: TransactionComplete

@@ -6,6 +6,7 @@ then presented as the SDK presents them: ``X-Sapiom-Transaction-Id`` and no cred
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -107,6 +108,21 @@ def test_transaction_authenticates_one_request_as_the_creating_key(
     assert used.json()["key_id"] == key_id
 
     assert_unauthorized(present(gateway, transaction_id))  # single use
+
+
+async def test_concurrent_presentations_of_one_transaction_admit_exactly_one(
+    gateway: Gateway,
+) -> None:
+    key_id, key = gateway.create_key(name="sapiom-race")
+    transaction_id = authorized(gateway, key, "GET", "/v1/usage")
+    headers = {"X-Sapiom-Transaction-Id": transaction_id}
+    async with gateway.async_client() as client:
+        responses = await asyncio.gather(
+            *(client.get("/v1/usage", headers=headers) for _ in range(20))
+        )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] + [401] * 19
+    assert next(r for r in responses if r.status_code == 200).json()["key_id"] == key_id
 
 
 def test_metered_request_with_only_a_transaction_id_is_charged_to_its_key(
@@ -246,7 +262,8 @@ def test_revoked_expired_and_exhausted_keys_are_denied_up_front(
         assert_unauthorized(present(gateway, body["id"], "POST", "/v1/generate", json=SQUARE))
     with httpx.Client(base_url=gateway.url, timeout=30) as control:
         got = control.get(f"/v1/transactions/{body['id']}", headers={"x-api-key": exhausted})
-    assert got.status_code == 200 and got.json()["status"] == "denied"
+    assert got.status_code == 200, got.text
+    assert got.json()["status"] == "denied" and "budget" in got.json()["reason"]
     assert len(clean_sandbox.requests()) == 1  # only the spending request reached fal
 
 
