@@ -112,3 +112,27 @@ def test_sdk_throws_before_sending_for_a_revoked_key(
     assert out["error"]["name"] == "AuthorizationDeniedError", out
     assert [s["url"] for s in out["sent"]] == [f"{gateway.url}/v1/transactions"]
     assert clean_sandbox.requests() == []
+
+
+def test_budget_running_out_mid_flow_reaches_the_caller_as_falgates_402(
+    gateway: Gateway, clean_sandbox: Sandbox, sapiom_node: NodeRunner
+) -> None:
+    generate_cost = cost_of(1024 * 768, GENERATE_USD_PER_MP)
+    key_id, key = gateway.create_key(
+        name="sapiom-402", budget_usd=f"{(generate_cost + 1000) / 1e6:.6f}", budget_period="total"
+    )
+
+    out = sapiom_node.run("sample_flow.mjs", gateway.url, key)
+
+    assert out["error"] is None, out
+    generated, transformed = out["results"]
+    assert generated["status"] == 200
+    # Some budget is left, so the transaction is authorized; the transform's estimate is more
+    # than that, so falgate answers its own 402, which the SDK hands back untouched.
+    assert transformed["status"] == 402, transformed
+    error = transformed["body"]["error"]
+    assert error["type"] == "budget_exceeded" and error["remaining_usd"] == "0.001000"
+    assert not any(s["url"].endswith("/reauthorize") for s in out["sent"])
+    settles = [e for e in ledger(gateway, key_id) if e["event"] == "settle"]
+    assert [e["amount_micro"] for e in settles] == [generate_cost]
+    assert len(clean_sandbox.requests()) == 1
