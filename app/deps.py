@@ -12,7 +12,7 @@ from app.catalog import Catalog
 from app.errors import Unauthorized, Unavailable
 from app.keys.service import ApiKey, KeyService
 from app.redis import REDIS_ERRORS
-from app.sapiom.service import SapiomService, served_url
+from app.sapiom.service import SapiomService
 from app.settings import Settings
 
 # Declared for the OpenAPI document (generated clients learn the schemes); parsed by hand
@@ -59,16 +59,15 @@ def presented_key(request: Request) -> str | None:
     return api_key.strip() if api_key else None
 
 
-def _served_url(request: Request, settings: Settings) -> str | None:
+def _sapiom_request_url(request: Request, sapiom: SapiomService) -> str | None:
     """The URL this request was sent to, as a Sapiom transaction names it."""
     scope = request.scope
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-    return served_url(
+    return sapiom.request_url(
         scheme=scope.get("scheme", "http"),
         host=request.headers.get("host"),
         raw_path=raw_path.decode("latin-1"),
         query=scope.get("query_string", b"").decode("latin-1"),
-        public_url=settings.public_url,
     )
 
 
@@ -100,7 +99,7 @@ async def current_key(
             key = await sapiom.redeem(
                 transaction_id,
                 method=request.method,
-                url=_served_url(request, settings),
+                url=_sapiom_request_url(request, sapiom),
                 presented=key,
             )
     except REDIS_ERRORS as exc:

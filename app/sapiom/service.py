@@ -154,6 +154,14 @@ class SapiomService:
         # Signs the identity tokens of ``POST /v1/auth/tokens``; nothing ever verifies them.
         self._identity_secret = secrets.token_bytes(32)
 
+    def request_url(
+        self, *, scheme: str, host: str | None, raw_path: str, query: str
+    ) -> str | None:
+        """The URL a request presenting a transaction was sent to (see :func:`served_url`)."""
+        return served_url(
+            scheme=scheme, host=host, raw_path=raw_path, query=query, public_url=self.public_url
+        )
+
     async def _denial(self, key: ApiKey) -> str | None:
         """Why ``key`` may not start a request now, or None: revoked, expired, no budget left."""
         status = key.effective_status()

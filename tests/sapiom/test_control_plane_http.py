@@ -226,17 +226,37 @@ def test_invalid_credentials_are_not_rescued_by_a_transaction(gateway: Gateway) 
     assert_unauthorized(malformed)
 
 
-def test_expired_transaction_is_401(gateways: GatewayFactory) -> None:
-    gateway = gateways.start(FALGATE_SAPIOM_TRANSACTION_TTL_S="2")
-    try:
-        _, key = gateway.create_key(name="sapiom-expiry")
-        transaction_id = authorized(gateway, key, "GET", "/v1/usage")
-        fresh = authorized(gateway, key, "GET", "/v1/usage")
-        assert present(gateway, fresh).status_code == 200
+PUBLIC_URL = "https://falgate.example.com/gateway"
+
+
+@pytest.fixture(scope="module")
+def proxied_gateway(gateways: GatewayFactory) -> Iterator[Gateway]:
+    """A gateway behind a (pretend) TLS-terminating proxy, with 2-second transactions."""
+    gateway = gateways.start(
+        FALGATE_PUBLIC_URL=PUBLIC_URL + "/", FALGATE_SAPIOM_TRANSACTION_TTL_S="2"
+    )
+    yield gateway
+    gateway.stop()
+
+
+def test_behind_a_proxy_transactions_name_the_public_url(proxied_gateway: Gateway) -> None:
+    _, key = proxied_gateway.create_key(name="sapiom-proxied")
+    public = authorized(proxied_gateway, key, "GET", f"{PUBLIC_URL}/v1/usage")
+    direct = authorized(proxied_gateway, key, "GET", f"{proxied_gateway.url}/v1/usage")
+
+    assert present(proxied_gateway, public).status_code == 200
+    assert_unauthorized(present(proxied_gateway, direct))
+
+
+def test_expired_transaction_is_401(proxied_gateway: Gateway) -> None:
+    _, key = proxied_gateway.create_key(name="sapiom-expiry")
+    transaction_id = authorized(proxied_gateway, key, "GET", f"{PUBLIC_URL}/v1/usage")
+    path = f"/v1/transactions/{transaction_id}"
+    with httpx.Client(base_url=proxied_gateway.url, headers={"x-api-key": key}) as control:
+        assert control.get(path).json()["status"] == "authorized"
         time.sleep(2.5)
-        assert_unauthorized(present(gateway, transaction_id))
-    finally:
-        gateway.stop()
+        assert control.get(path).status_code == 404
+    assert_unauthorized(present(proxied_gateway, transaction_id))
 
 
 def test_revoked_expired_and_exhausted_keys_are_denied_up_front(
