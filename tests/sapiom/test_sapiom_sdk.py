@@ -12,14 +12,11 @@ from typing import Any
 import httpx
 
 from tests.conftest import Gateway, Sandbox
+from tests.money import FLUX_DEV_MICRO_PER_MP, cost_of
 from tests.sapiom.conftest import NodeRunner
 
-GENERATE_USD_PER_MP = 15_000  # flux-dev, micro-dollars per megapixel
-TRANSFORM_USD_PER_MP = 45_000
-
-
-def cost_of(pixels: int, unit_micro: int) -> int:
-    return -(-pixels * unit_micro // 1_000_000)
+GENERATE_USD_PER_MP = FLUX_DEV_MICRO_PER_MP
+TRANSFORM_USD_PER_MP = 45_000  # micro-dollars per megapixel of output, whatever the model
 
 
 def ledger(gateway: Gateway, key_id: str) -> list[dict[str, Any]]:
@@ -82,7 +79,10 @@ def test_sample_flow_generate_then_transform_is_billed_exactly(
         expected.append(cost_of(job["pixels"], unit))
         assert entry["amount_micro"] == expected[-1]
     assert len(produced) == 2
-    assert expected == [cost_of(1024 * 768, GENERATE_USD_PER_MP), cost_of(512 * 512, 45_000)]
+    assert expected == [
+        cost_of(1024 * 768, GENERATE_USD_PER_MP),
+        cost_of(512 * 512, TRANSFORM_USD_PER_MP),
+    ]
     assert [generated["cost"], transformed["cost"]] == [f"0.{c:06d}" for c in expected]
     with gateway.client(key) as client:
         usage = client.get("/v1/usage").json()
