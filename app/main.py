@@ -38,6 +38,8 @@ from app.ops.shutdown import InflightTracker
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.redis import EmbeddedRedis, redis_client
 from app.sandbox import SandboxConfig, embedded_sandbox
+from app.sapiom.routes import router as sapiom_router
+from app.sapiom.service import SapiomService
 from app.settings import Settings, get_settings
 from app.upstream.client import FalClient
 
@@ -180,6 +182,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(leases.stop)
         deferred = DeferredWrites(redis)
         stack.push_async_callback(deferred.drain, settings.shutdown_grace_s)
+        app.state.sapiom = SapiomService(
+            redis,
+            keys,
+            meter,
+            ttl_s=settings.sapiom_transaction_ttl_s,
+            public_url=settings.public_url,
+        )
         sweeper = Sweeper(redis, settings, process_id, fal)
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)
@@ -235,6 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "usage", "description": "The calling key's budget and spend."},
             {"name": "admin", "description": "Keys, usage and ledger (admin token)."},
             {"name": "operations", "description": "Health and metrics."},
+            {"name": "sapiom", "description": "The control plane of Sapiom-wrapped clients."},
         ],
     )
     app.state.settings = settings
@@ -245,6 +255,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
+    app.include_router(sapiom_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, settings=settings)

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # How long ``GET /v1/requests/{id}`` remembers a request.
     request_record_ttl_s: int = 7 * 86_400
 
+    # --- Sapiom control plane (SPEC section 12) -------------------------------
+    sapiom_transaction_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

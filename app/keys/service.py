@@ -281,3 +281,15 @@ class KeyService:
                 self._cache[digest] = (now + cache_ttl_s, key)
         key.check_usable()
         return key
+
+    async def lookup(self, plaintext: str) -> ApiKey:
+        """The record behind a presented secret as stored now, whatever its status; 401 only
+        for a secret that is no key at all (the Sapiom control plane answers a revoked or
+        expired key with a denied transaction rather than a 401)."""
+        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
+            raise Unauthorized("Invalid API key.")
+        key_id = await self.redis.get(hash_index_key(hash_key(plaintext)))
+        raw = await self.redis.hgetall(meta_key(key_id)) if key_id else {}
+        if not raw:
+            raise Unauthorized("Invalid API key.")
+        return ApiKey.from_hash(raw)

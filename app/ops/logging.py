@@ -59,6 +59,8 @@ _RECORD_ATTRS = frozenset(
 )
 _SECRET_PATTERNS = (
     (re.compile(r"fgk_[A-Za-z0-9_\-]+"), "fgk_[redacted]"),
+    # A Sapiom transaction id authenticates one request: keep the key id, blank the secret.
+    (re.compile(r"(stx_key_[A-Za-z0-9]+_)[0-9a-f]{32}"), r"\1[redacted]"),
     # An Authorization value: the scheme, then a credential-like token (not "key is set").
     (re.compile(r"\b([Bb]earer|[Kk]ey)\s+[A-Za-z0-9._~+/:=-]{16,}"), r"\1 [redacted]"),
 )
