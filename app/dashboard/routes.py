@@ -249,7 +249,9 @@ async def login(request: Request, store: StoreDep) -> Response:
         samesite="strict",
         secure=_secure(request),
     )
-    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
+    response.delete_cookie(
+        LOGIN_COOKIE, path=COOKIE_PATH, secure=_secure(request), httponly=True, samesite="strict"
+    )
     return response
 
 
@@ -258,7 +260,9 @@ async def logout(request: Request, session: AnySession, store: StoreDep) -> Resp
     await changed_form(request, session)
     await store.delete(request.cookies.get(SESSION_COOKIE))
     response = redirect("/dashboard/login")
-    response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
+    response.delete_cookie(
+        SESSION_COOKIE, path=COOKIE_PATH, secure=_secure(request), httponly=True, samesite="strict"
+    )
     return response
 
 
