@@ -199,6 +199,7 @@ def test_create_use_edit_export_and_revoke_a_key(
     secret = _text(browser, "#new-key-secret")
     assert secret.startswith("fgk_")
     browser.driver.find_element(By.ID, "copy-key").click()
+    _wait(browser).until(ec.text_to_be_present_in_element((By.ID, "copy-key"), "Copied"))
     browser.driver.find_element(By.ID, "to-key-page").click()
     _wait(browser).until(ec.presence_of_element_located((By.ID, "key-spent")))
     key_id = browser.driver.current_url.rsplit("/", 1)[-1]
