@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
+from app.dashboard import install_dashboard
 from app.errors import add_exception_handlers
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
@@ -205,6 +206,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     "falgate is running in SANDBOX MODE (no fal key): images come from the",
                     "built-in fal emulator and cost nothing real.",
                     f"Gateway:       http://{settings.host}:{settings.port}",
+                    f"Dashboard:     http://{settings.host}:{settings.port}/dashboard",
                     f"Admin token:   {app.state.admin_token}"
                     if token_generated
                     else "Admin token:   (FALGATE_ADMIN_TOKEN)",
@@ -256,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
     app.include_router(sapiom_router)
+    install_dashboard(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, settings=settings)
