@@ -22,7 +22,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import StartupError, create_app, resolve_admin_token
+    from app.ops.edge import edge_options
     from app.ops.logging import configure_logging, uvicorn_options
+    from app.ops.metrics import metrics_of
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -37,8 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"falgate: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
+        app,
+        host=settings.host,
+        port=settings.port,
+        **uvicorn_options(settings),
+        **edge_options(settings, metrics_of(app)),
     )
     return 0
 

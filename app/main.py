@@ -230,7 +230,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        idle_timeout_s=settings.body_timeout_s,
+        deadline_s=settings.body_deadline_s,
+    )
     app.add_middleware(RequestContextMiddleware, settings=settings)
     return app
 

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     sweeper_interval_s: float = 5.0
     process_lease_s: float = 15.0
 
+    # --- the HTTP edge (app/ops/edge.py, app/http.py) -------------------------
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    body_deadline_s: float = Field(default=120.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
