@@ -121,12 +121,12 @@ def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
 async def _keys(args: argparse.Namespace) -> int:
     from app.catalog import load_catalog
     from app.keys.schemas import KeyCreate, KeyUpdate
-    from app.keys.service import KeyService
+    from app.keys.service import KeyService, model_names
 
     settings = get_settings()
     catalog = load_catalog(settings.catalog_file)
     async with _redis(settings) as redis:
-        keys = KeyService(redis, known_models=set(catalog.models) | set(catalog.upscalers))
+        keys = KeyService(redis, known_models=model_names(catalog))
         if args.keys_command == "create":
             key, plaintext = await keys.create(KeyCreate(**_key_fields(args)))
             _print({**key.to_out().model_dump(mode="json"), "key": plaintext})

@@ -22,7 +22,7 @@ from app.generation.routes import router as generation_router
 from app.http import BodyLimitMiddleware
 from app.keys.routes import router as keys_router
 from app.keys.schemas import KeyCreate
-from app.keys.service import KeyService
+from app.keys.service import KeyService, model_names
 from app.metering import Meter
 from app.metering.routes import admin_router as usage_admin_router
 from app.metering.routes import router as usage_router
@@ -199,9 +199,8 @@ def _host_port(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0].lower()
 
 
-def _known_models(app: FastAPI) -> set[str]:
-    catalog = app.state.catalog
-    return set(catalog.models) | set(catalog.upscalers)
+def _known_models(app: FastAPI) -> dict[str, str]:
+    return model_names(app.state.catalog)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
