@@ -35,7 +35,7 @@ def _number_only(value: object) -> object:
 def _amount(value: object) -> object:
     """A money amount: a decimal string or a number, never a boolean."""
     if isinstance(value, bool):
-        raise ValueError("must be a decimal string such as \"50\" or a number")
+        raise ValueError('must be a decimal string such as "50" or a number')
     return value
 
 
@@ -62,9 +62,7 @@ def _printable_name(value: str | None) -> str | None:
     if value is None:
         return None
     if not value.isprintable() or value != value.strip():
-        raise ValueError(
-            "must be printable text without control characters or surrounding spaces"
-        )
+        raise ValueError("must be printable text without control characters or surrounding spaces")
     return value
 
 
