@@ -121,7 +121,7 @@ def test_updates_are_as_strict(gateway: Gateway, patch: dict[str, Any], param: s
 def test_a_key_without_a_stored_period_is_shown_as_enforced(
     gateway: Gateway, redis_url: str
 ) -> None:
-    """A record with no period (written before periods existed) is enforced as ``total``."""
+    """A record with no period (written before periods existed) is shown as it is enforced."""
     import redis
 
     key_id, key = gateway.create_key(name="legacy", budget_usd="5")
@@ -132,7 +132,7 @@ def test_a_key_without_a_stored_period_is_shown_as_enforced(
         shown = admin.get(f"/admin/keys/{key_id}").json()["budget_period"]
     with gateway.client(key) as c:
         usage = c.get("/v1/usage").json()
-    assert shown == usage["period"] == "total"
+    assert shown == usage["period"] == "monthly"
 
 
 def _cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -268,3 +268,15 @@ def test_sandbox_images_survive_a_restart(served: Served) -> None:
         assert after.content == before.content
     finally:
         again.stop()
+
+
+def test_every_setting_is_in_the_readme_settings_table() -> None:
+    from app.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `FALGATE_")]
+    documented = {name for row in rows for name in re.findall(r"`(FALGATE_[A-Z0-9_]+)`", row)}
+    wanted = {f"FALGATE_{name.upper()}" for name in Settings.model_fields}
+    assert not wanted - documented, f"settings missing from the README: {wanted - documented}"
+    assert not documented - wanted - {"FALGATE_FAL_KEY"}, documented - wanted
