@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from app.catalog.pricing import Price
 from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized, Unavailable
 from app.metering import keyspace
@@ -368,7 +370,12 @@ class Meter:
         return self.settlement_from(reply)
 
     def settle_call(
-        self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()
+        self,
+        admission: Admission,
+        actual: Price,
+        images: Sequence[GeneratedImage] = (),
+        seed: int | None = None,
+        upstream: str | None = None,
     ) -> ScriptCall:
         """:meth:`settle` as a script call, to run together with other scripts."""
         return self.resolve_call(
@@ -379,6 +386,8 @@ class Meter:
             pixels=actual.pixels,
             reason="completed",
             images=images,
+            seed=seed,
+            upstream=upstream,
         )
 
     def release_call(
@@ -406,6 +415,7 @@ class Meter:
         images: Sequence[GeneratedImage] = (),
         seed: int | None = None,
         outcome: str = "failed",
+        upstream: str | None = None,
     ) -> ScriptCall:
         """The resolve script (settle or release one hold, exactly once)."""
         keys = [
@@ -430,6 +440,7 @@ class Meter:
             "" if seed is None else str(seed),
             self.record_ttl_ms,
             outcome,
+            upstream or "",
         ]
         return self._resolve.call(keys, args)
 
@@ -482,13 +493,17 @@ class Meter:
 
         The current period is taken from Redis's clock, as the scripts take it.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keyspace.meta(key_id))
-            pipe.hgetall(keyspace.budget(key_id))
-            pipe.hlen(keyspace.inflight(key_id))
-            pipe.time()
-            with store_errors():
-                raw_meta, raw_budget, in_flight, redis_time = await pipe.execute()
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keyspace.meta(key_id))
+                pipe.hgetall(keyspace.budget(key_id))
+                pipe.hlen(keyspace.inflight(key_id))
+                if not isinstance(self.redis, RedisCluster):
+                    pipe.time()
+                replies = await pipe.execute()
+            # A cluster pipeline refuses TIME (it has no key): ask one node on its own.
+            redis_time = replies[3] if len(replies) > 3 else await self.redis.time()
+        raw_meta, raw_budget, in_flight = replies[:3]
         meta = {text(k): text(v) for k, v in raw_meta.items()}
         if not meta:
             raise NotFound(f"Unknown key '{key_id}'.")

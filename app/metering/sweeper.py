@@ -53,7 +53,6 @@ class SweepReport:
     settled: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
-    slots_freed: int = 0
 
 
 class Sweeper:
