@@ -328,6 +328,18 @@ class LedgerDatabase:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(query.limit(limit))]
 
+    def latest(self, key_id: str, limit: int) -> list[Row]:
+        """The key's newest archived entries, newest first."""
+        t = ledger_entries.c
+        query = (
+            select(*[getattr(t, name) for name in ROW_COLUMNS])
+            .where(t.key_id == key_id)
+            .order_by(t.id_ms.desc(), t.id_seq.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
     def count(self, key_id: str | None = None) -> int:
         query = select(func.count()).select_from(ledger_entries)
         if key_id is not None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from operator import itemgetter
 from typing import Any, Literal, TypeVar
@@ -226,6 +227,45 @@ def merged_rows(
 
 
 # --- formatting --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One entry as pages show it (the dashboard's recent entries)."""
+
+    entry_id: str
+    event: str
+    key_id: str
+    request_id: str
+    upstream_request_id: str | None
+    model: str
+    operation: str
+    pixels: int
+    amount_micro: int
+    hold_micro: int | None
+    reason: str
+    timestamp: datetime
+
+    @classmethod
+    def from_row(cls, row: Row) -> LedgerEntry:
+        return cls(
+            entry_id=row[3],
+            event=row[4],
+            key_id=row[1],
+            request_id=row[5],
+            upstream_request_id=row[6],
+            model=row[7],
+            operation=row[8],
+            pixels=row[9],
+            amount_micro=row[10],
+            hold_micro=row[12],
+            reason=row[13],
+            timestamp=datetime.fromtimestamp(row[14] / 1000, UTC),
+        )
+
+    @property
+    def megapixels(self) -> str:
+        return str(Decimal(self.pixels) / 1_000_000)
 
 
 class _Formatter:

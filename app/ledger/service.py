@@ -13,11 +13,21 @@ from typing import Any, Literal
 import sqlalchemy.exc
 
 from app.errors import Unavailable
-from app.ledger.database import LedgerDatabase, Progress, Row, database_url, parse_entry_id
+from app.ledger.database import (
+    ROW_COLUMNS,
+    LedgerDatabase,
+    Progress,
+    Row,
+    database_url,
+    decoded,
+    parse_entry_id,
+    row_from_stream,
+)
 from app.ledger.drainer import ARCHIVE_KEY, Drainer
 from app.ledger.export import (
     ExportQuery,
     Format,
+    LedgerEntry,
     format_chunks,
     in_thread,
     loop_bridge,
@@ -152,7 +162,21 @@ class LedgerService:
         end: datetime | None,
         group_by: GroupBy,
     ) -> dict[str, Any]:
-        """Settled spend grouped by key, model or UTC day (``/admin/usage``).
+        """Settled spend grouped by key, model or UTC day (``/admin/usage``)."""
+        groups = await self.groups(key_id=key_id, start=start, end=end, view=group_by)
+        return shape_report(groups, group_by=group_by, start=start, end=end)
+
+    async def groups(
+        self,
+        *,
+        key_id: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        view: View,
+    ) -> dict[GroupKey, Totals]:
+        """Totals per (key, day, model, operation) group of ``[start, end)``, as fine as
+        ``view`` needs: ``key``/``model`` may merge days (whole months), ``day`` may merge
+        models, ``day_model`` keeps day and model.
 
         Whole UTC days come from the rollups (O(keys x months of the window)); a window edge
         inside a day, and a key whose rollups are not backfilled yet, are recomputed from
@@ -176,7 +200,7 @@ class LedgerService:
         if whole_days and firsts:
             low = max(month_of(first_day), min(firsts)) if first_day else min(firsts)
             high = month_of(last_day) if last_day else _next_month(datetime.now(UTC).date())
-            parts = _rollup_parts(months_between(low, high), first_day, last_day, group_by)
+            parts = _rollup_parts(months_between(low, high), first_day, last_day, view)
             with store_errors("The ledger"):
                 raw = await self.rollups.read(ready, parts)
             add({g: Totals.from_metrics(m) for g, m in raw.items()})
@@ -188,7 +212,21 @@ class LedgerService:
         for pending_key in pending:
             query = ExportQuery(key_id=pending_key, start_ms=_ms(start), end_ms=_ms(end))
             add(await self.recompute_usage(query))
-        return shape_report(groups, group_by=group_by, start=start, end=end)
+        return groups
+
+    async def recent(self, key_id: str, limit: int = 50) -> list[LedgerEntry]:
+        """The key's newest ledger entries (archive and Redis tail), newest first."""
+        with store_errors("The ledger"):
+            page = await self.redis.xrevrange(keyspace.ledger(key_id), count=limit)
+        with archive_errors():
+            await asyncio.to_thread(self.database.ensure_migrated)
+            archived = await asyncio.to_thread(self.database.latest, key_id, limit)
+        rows = {(r[0], r[2]): r for r in archived}
+        for entry_id, fields in page:
+            row = row_from_stream(key_id, text(entry_id), decoded(fields))[: len(ROW_COLUMNS)]
+            rows[(row[0], row[2])] = row
+        newest = sorted(rows, reverse=True)[:limit]
+        return [LedgerEntry.from_row(rows[position]) for position in newest]
 
     async def after_drain(self) -> None:
         """What the single active drainer also does each cycle: backfill new keys' rollups and
@@ -289,6 +327,7 @@ def totals_of(rows: Iterator[Row]) -> dict[GroupKey, Totals]:
 
 ONE_DAY = timedelta(days=1)
 GroupBy = Literal["key", "model", "day"]
+View = Literal["key", "model", "day", "day_model"]
 _GROUP_INDEX = {"key": 0, "day": 1, "model": 2}
 
 
@@ -361,7 +400,7 @@ def _partial_ranges(
 
 
 def _rollup_parts(
-    months: list[str], first: date | None, last: date | None, group_by: GroupBy
+    months: list[str], first: date | None, last: date | None, group_by: View
 ) -> list[RollupPart]:
     """The smallest rollup view of each month that answers ``group_by`` for the whole days
     ``first..last``: a whole month by key or model from its month totals, a day grouping (or
@@ -371,9 +410,9 @@ def _rollup_parts(
     parts = []
     for month in months:
         whole = low <= f"{month}-01" and _month_end(month) <= high
-        if whole and group_by != "day":
+        if whole and group_by in ("key", "model"):
             parts.append(RollupPart(month, "m"))
-        elif group_by == "model":
+        elif group_by in ("model", "day_model"):
             parts.append(RollupPart(month, "", low, high))
         else:
             parts.append(RollupPart(month, "d", low, high))
