@@ -15,6 +15,7 @@ whatever the number of ledger entries.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -63,6 +64,15 @@ def _add_fields(
         if totals is None:
             totals = groups[group] = {}
         totals[metric] = totals.get(metric, 0) + int(raw_value)
+
+
+def _add_chunk(
+    groups: dict[GroupKey, dict[str, int]],
+    chunk: Sequence[tuple[str, RollupPart]],
+    replies: Sequence[Any],
+) -> None:
+    for (key_id, part), fields in zip(chunk, replies, strict=True):
+        _add_fields(groups, key_id, part, fields)
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,8 @@ class Rollups:
                     suffix = part.month if not part.kind else f"{part.month}:{part.kind}"
                     pipe.hgetall(keyspace.rollup_month(key_id, suffix))
                 replies = await pipe.execute()
-            for (key_id, part), fields in zip(chunk, replies, strict=True):
-                _add_fields(groups, key_id, part, fields)
+            # Tens of thousands of fields for a wide window: parsed off the event loop.
+            await asyncio.to_thread(_add_chunk, groups, chunk, replies)
         return groups
 
     async def mark(self, key_id: str) -> tuple[str, bool]:
