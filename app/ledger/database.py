@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -138,8 +139,8 @@ class LedgerDatabase:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
-            if parsed.database:
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if parsed.database and parsed.database != ":memory:":
+                _private_file(Path(parsed.database))
             self.engine: Engine = create_engine(
                 url, connect_args={"check_same_thread": False, "timeout": 30}
             )
@@ -346,6 +347,15 @@ class LedgerDatabase:
             query = query.where(ledger_entries.c.key_id == key_id)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+
+def _private_file(path: Path) -> None:
+    """The SQLite file, created (or made) readable by this user only: SQLite gives its -wal and
+    -shm files the database file's permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
 
 
 def _sqlite_transactions(engine: Engine) -> None:
