@@ -18,6 +18,7 @@ from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
 from app.errors import add_exception_handlers
+from app.falapi.routes import router as fal_router
 from app.generation.routes import router as generation_router
 from app.http import BodyLimitMiddleware
 from app.keys.routes import router as keys_router
@@ -175,17 +176,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             token_generated = not (
                 settings.admin_token is not None and settings.admin_token.get_secret_value()
             )
+            scheme = "https" if settings.tls_self_signed or settings.tls_certfile else "http"
             _banner(
                 [
                     "falgate is running in SANDBOX MODE (no fal key): images come from the",
                     "built-in fal emulator and cost nothing real.",
-                    f"Gateway:       http://{settings.host}:{settings.port}",
+                    f"Gateway:       {scheme}://{settings.host}:{settings.port}",
                     f"Admin token:   {app.state.admin_token}"
                     if token_generated
                     else "Admin token:   (FALGATE_ADMIN_TOKEN)",
                     f"API key (dev): {dev_key}",
                     "Try:",
-                    f"  curl http://{settings.host}:{settings.port}/v1/generate \\",
+                    f"  curl {scheme}://{settings.host}:{settings.port}/v1/generate \\",
                     f"    -H 'Authorization: Bearer {dev_key}' \\",
                     "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
                 ]
@@ -219,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "usage", "description": "The calling key's budget and spend."},
             {"name": "admin", "description": "Keys, usage and ledger (admin token)."},
             {"name": "operations", "description": "Health and metrics."},
+            {"name": "fal", "description": "fal's own API, for fal's official clients."},
         ],
     )
     app.state.settings = settings
@@ -229,6 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
+    app.include_router(fal_router)  # fal's own API (SPEC section 11)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, settings=settings)
