@@ -39,6 +39,7 @@ log = logging.getLogger("falgate.falapi")
 _PRICED = frozenset({"prompt", "image_size", "num_images", "image_url"})
 #: fal hosts the proxy route forwards for (what ``@fal-ai/server-proxy`` accepts, minus storage).
 RUN_HOST, QUEUE_HOST = "fal.run", "queue.fal.run"
+TARGET_HEADER = "x-fal-target-url"
 _STORAGE_HOSTS = frozenset({"rest.fal.ai", "rest.alpha.fal.ai"})
 _NAMESPACES = ("workflows", "comfy")
 M = TypeVar("M", bound=BaseModel)
@@ -279,20 +280,22 @@ def proxy_target(url: str | None, method: str) -> ProxyTarget:
     not a fal host is a 400, as the server proxy answers.
     """
     if not url:
-        raise InvalidRequest("Invalid request: the x-fal-target-url header is missing.")
+        raise InvalidRequest(
+            "Invalid request: the x-fal-target-url header is missing.", param=TARGET_HEADER
+        )
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if host in _STORAGE_HOSTS:
         raise UnsupportedFeature(
             "fal storage uploads are not supported by this gateway: send images as https:// "
             "or data: URLs in the input.",
-            param="x-fal-target-url",
+            param=TARGET_HEADER,
         )
     if parts.scheme != "https" or host not in (RUN_HOST, QUEUE_HOST) or parts.port is not None:
         raise InvalidRequest(
             "Invalid request: x-fal-target-url must be an https://fal.run or "
             "https://queue.fal.run URL.",
-            param="x-fal-target-url",
+            param=TARGET_HEADER,
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     path = parts.path.strip("/")
@@ -433,7 +436,8 @@ def fal_error(exc: FalgateError) -> tuple[int, dict[str, Any], dict[str, str]]:
     """
     status = exc.status_code
     detail: Any = exc.message
-    if isinstance(exc, InvalidRequest) and not isinstance(exc, UnsupportedFeature):
+    validation = exc.param != TARGET_HEADER  # a bad proxy target is a 400, as fal's proxy says
+    if isinstance(exc, InvalidRequest) and validation and not isinstance(exc, UnsupportedFeature):
         if status == 400:
             status = 422
         if "detail" in exc.extra:
