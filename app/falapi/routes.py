@@ -97,19 +97,16 @@ def _base_url(request: Request) -> str:
     return f"{request.url.scheme}://{request.url.netloc}"
 
 
-def _deps(request: Request) -> service.QueueDeps:
+def _records(request: Request) -> service.QueueRecords:
     state = request.app.state
-    deps: service.QueueDeps | None = getattr(state, "fal_queue", None)
-    if deps is None:
-        deps = service.QueueDeps(
-            records=service.QueueRecords(state.redis),
-            meter=state.meter,
-            gate=state.gate,
-            fal=state.fal,
-            inflight=state.inflight,
-        )
-        state.fal_queue = deps
-    return deps
+    records: service.QueueRecords | None = getattr(state, "fal_records", None)
+    if records is None:
+        records = state.fal_records = service.QueueRecords(state.redis)
+    return records
+
+
+async def _lookup(request: Request, key: ApiKey, app_path: str, rid: str) -> service.QueueRecord:
+    return await service.lookup(_records(request), request.app.state.meter, key.id, app_path, rid)
 
 
 # --- the handlers, shared by the direct routes and the proxy route ---------------------------
@@ -142,7 +139,7 @@ async def _submit(
         job = await _plan(request, key, model_id, query)
         request.state.model = job.model_id
         rid = request_id_of(request)
-        fal_id = await service.submit(job, key, rid, _deps(request))
+        fal_id = await service.submit(job, key, rid, request.app.state.money, _records(request))
         request.state.upstream_request_id = fal_id
         links = service.links(_base_url(request), job.call.endpoint, rid)
         body = SubmitResponse(**links, status="IN_QUEUE", queue_position=0)
@@ -154,7 +151,7 @@ async def _submit(
 async def _status_body(
     request: Request, key: ApiKey, app_path: str, rid: str, logs: bool
 ) -> tuple[int, dict[str, Any]]:
-    record = await _deps(request).records.get(key.id, app_path, rid)
+    record = await _lookup(request, key, app_path, rid)
     return service.status_body(record, _base_url(request), logs)
 
 
@@ -193,15 +190,14 @@ async def _stream(
 
 
 async def _result(request: Request, key: ApiKey, app_path: str, rid: str) -> Response:
-    record = await _deps(request).records.get(key.id, app_path, rid)
-    code, body = service.result_body(record)
+    record = await _lookup(request, key, app_path, rid)
+    code, body = await service.result_body(record, request.app.state.fal)
     return JSONResponse(body, status_code=code, headers={"x-fal-request-id": rid})
 
 
 async def _cancel(request: Request, key: ApiKey, app_path: str, rid: str) -> Response:
-    deps = _deps(request)
-    record = await deps.records.get(key.id, app_path, rid)
-    code, answer = await service.cancel(record, deps)
+    record = await _lookup(request, key, app_path, rid)
+    code, answer = await service.cancel(record, request.app.state.fal)
     return JSONResponse({"status": answer}, status_code=code, headers={"x-fal-request-id": rid})
 
 

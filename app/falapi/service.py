@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -27,10 +27,10 @@ from app.generation import service
 from app.generation.schemas import GenerateRequest, TransformRequest, UpscaleRequest
 from app.images import fit_to_size, load_input_image, to_data_uri
 from app.keys.service import ApiKey
-from app.ops.shutdown import InflightTracker
+from app.metering.meter import Meter
 from app.settings import Settings
 from app.upstream.client import FalClient
-from app.upstream.types import OnSubmitted, UpstreamCall, UpstreamResult
+from app.upstream.types import UpstreamCall
 
 log = logging.getLogger("falgate.falapi")
 
@@ -371,6 +371,28 @@ class QueueRecord:
         return self.state in FINAL
 
 
+async def lookup(
+    records: QueueRecords, meter: Meter, key_id: str, owner_app_path: str, request_id: str
+) -> QueueRecord:
+    """The key's queue request; a 404 for any other key's id.
+
+    The money path's own record (``GET /v1/requests/{id}``) decides when it is finished: if
+    the job's process died, the resolver settled it from fal's answer, and the output is then
+    fetched from fal by the result route.
+    """
+    record = await records.get(key_id, owner_app_path, request_id)
+    if not record.final:
+        money = await meter.request_record(key_id, request_id)
+        if money is not None and money.resolved:
+            record.state = "completed" if money.status == "completed" else "failed"
+            if record.state == "failed":
+                record.status_code = 422
+                record.error = json.dumps(
+                    {"detail": f"The request {money.status}.", "error_type": money.status}
+                )
+    return record
+
+
 class QueueRecords:
     """Redis-backed records of the fal surface's queue requests."""
 
@@ -390,7 +412,6 @@ class QueueRecords:
         self,
         key_id: str,
         request_id: str,
-        endpoint: str,
         *,
         state: str,
         status_code: int,
@@ -399,7 +420,6 @@ class QueueRecords:
     ) -> None:
         name = record_key(key_id, request_id)
         mapping = {
-            "endpoint": endpoint,
             "state": state,
             "status_code": str(status_code),
             "result": result,
@@ -451,128 +471,39 @@ def fal_error(exc: FalgateError) -> tuple[int, dict[str, Any], dict[str, str]]:
     return status, body, {**exc.headers, "X-Fal-Error-Type": exc.type}
 
 
-# --- detached submission (queue shape) ----------------------------------------------------------
+# --- the queue shape ---------------------------------------------------------------------------
 
 
-class _Accepting:
-    """The fal client, reporting fal's request id as soon as fal accepts a submit, and
-    keeping fal's raw output for the result route."""
+async def submit(
+    job: service.Job, key: ApiKey, request_id: str, path: service.MoneyPath, records: QueueRecords
+) -> str:
+    """Admit and submit ``job``; return fal's request id as soon as fal accepted it.
 
-    def __init__(self, fal: FalClient, on_accepted: Callable[[str], Awaitable[None]]) -> None:
-        self._fal = fal
-        self._on_accepted = on_accepted
-        self.result: UpstreamResult | None = None
-
-    async def run(
-        self,
-        call: UpstreamCall,
-        *,
-        on_submitted: OnSubmitted | None = None,
-        timeout_s: float | None = None,
-    ) -> UpstreamResult:
-        async def submitted(fal_request_id: str) -> None:
-            if on_submitted is not None:
-                await on_submitted(fal_request_id)
-            await self._on_accepted(fal_request_id)
-
-        self.result = await self._fal.run(call, on_submitted=submitted, timeout_s=timeout_s)
-        return self.result
-
-
-@dataclass
-class QueueDeps:
-    """What the queue shape needs from the app's lifespan."""
-
-    records: QueueRecords
-    meter: Any
-    gate: Any
-    fal: FalClient
-    inflight: InflightTracker
-
-
-_detached: set[asyncio.Task[None]] = set()
-
-
-async def submit(job: service.Job, key: ApiKey, request_id: str, deps: QueueDeps) -> str:
-    """Admit ``job`` and submit it to fal; return as soon as fal accepted it (or failed).
-
-    The job then runs to its end in the background through the one money path
-    (``service.execute``): the hold is settled to what fal produced, or released if fal
-    failed or cancelled, whether or not the client ever comes back for the result.
+    The job then runs to its end detached, through the one money path
+    (:func:`app.generation.service.submit_detached`): billed from what fal produced whether or
+    not the client ever comes back. Its output (or error) is kept for the result route.
     """
-    loop = asyncio.get_running_loop()
-    accepted: asyncio.Future[str] = loop.create_future()
 
-    async def on_accepted(fal_request_id: str) -> None:
-        await deps.records.create(key.id, request_id, job.call.endpoint, fal_request_id)
-        if not accepted.done():
-            accepted.set_result(fal_request_id)
+    async def on_submitted(fal_request_id: str) -> None:
+        await records.create(key.id, request_id, job.call.endpoint, fal_request_id)
 
-    fal = _Accepting(deps.fal, on_accepted)
-
-    async def run_to_the_end() -> None:
+    async def on_finished(outcome: service.Outcome | FalgateError) -> None:
+        if isinstance(outcome, FalgateError):
+            status, body, _ = fal_error(outcome)
+            state, result, error = "failed", "", json.dumps(body)
+        else:
+            status, state, error = 200, "completed", ""
+            result = json.dumps(output_body(outcome))
         try:
-            outcome = await service.execute(
-                job,
-                key,
-                request_id,
-                meter=deps.meter,
-                gate=deps.gate,
-                fal=fal,
-                inflight=deps.inflight,
+            await records.finish(
+                key.id, request_id, state=state, status_code=status, result=result, error=error
             )
-        except FalgateError as exc:
-            status, body, _ = fal_error(exc)
-            await _finish_quietly(deps, key, request_id, job, "failed", status, error=body)
-            if not accepted.done():
-                accepted.set_exception(exc)
-            return
-        except BaseException as exc:
-            if not accepted.done():
-                accepted.set_exception(exc)
-            raise
-        body = fal.result.body if fal.result is not None else {}
-        if not accepted.done():  # fal's sync protocol: no id before the result
-            await deps.records.create(
-                key.id, request_id, job.call.endpoint, outcome.upstream_request_id or ""
-            )
-            accepted.set_result(outcome.upstream_request_id or "")
-        await _finish_quietly(deps, key, request_id, job, "completed", 200, result=body)
+        except Exception:
+            log.warning("could not keep the outcome of fal queue request %s", request_id)
 
-    task = asyncio.ensure_future(run_to_the_end())
-    _detached.add(task)
-    task.add_done_callback(_detached.discard)
-    try:
-        return await asyncio.shield(accepted)
-    except asyncio.CancelledError:
-        if not accepted.done():
-            task.cancel()  # the client left before fal took the job: nothing runs or bills
-        raise
-
-
-async def _finish_quietly(
-    deps: QueueDeps,
-    key: ApiKey,
-    request_id: str,
-    job: service.Job,
-    state: str,
-    status: int,
-    *,
-    result: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-) -> None:
-    try:
-        await deps.records.finish(
-            key.id,
-            request_id,
-            job.call.endpoint,
-            state=state,
-            status_code=status,
-            result=json.dumps(result) if result is not None else "",
-            error=json.dumps(error) if error is not None else "",
-        )
-    except Exception:
-        log.warning("could not record the outcome of fal queue request %s", request_id)
+    return await service.submit_detached(
+        job, key, request_id, path, on_submitted=on_submitted, on_finished=on_finished
+    )
 
 
 # --- response bodies ----------------------------------------------------------------------------
@@ -586,7 +517,10 @@ def invalid_query(name: str, msg: str) -> InvalidRequest:
 
 
 def output_body(outcome: service.Outcome) -> dict[str, Any]:
-    """The model output in fal's shape (``images[]``, or one ``image`` for upscalers)."""
+    """The model's output as fal returned it (rebuilt in fal's shape from the settled images
+    only if fal's own body is not at hand)."""
+    if outcome.result is not None and outcome.result.body:
+        return outcome.result.body
     images = [
         {"url": i.url, "width": i.width, "height": i.height, "content_type": i.content_type}
         for i in outcome.images
@@ -627,10 +561,15 @@ def status_body(record: QueueRecord, base_url: str, with_logs: bool) -> tuple[in
     return 200, body
 
 
-def result_body(record: QueueRecord) -> tuple[int, dict[str, Any]]:
+async def result_body(record: QueueRecord, fal: FalClient) -> tuple[int, dict[str, Any]]:
     """The model's output once completed, or the error it ended with (as fal answers)."""
     if record.state == "completed":
-        return 200, json.loads(record.result or "{}")
+        if record.result:
+            return 200, json.loads(record.result)
+        outcome = await fal.outcome(record.endpoint, record.fal_request_id)
+        if outcome.result is not None:
+            return 200, outcome.result.body
+        return 502, {"detail": "fal no longer has the result.", "error_type": "upstream_error"}
     if record.state == "failed":
         return record.status_code, json.loads(record.error or "{}")
     return 400, {"detail": "Request is still in progress", "error_type": "request_in_progress"}
@@ -644,10 +583,10 @@ _CANCEL_CODES = {
 }
 
 
-async def cancel(record: QueueRecord, deps: QueueDeps) -> tuple[int, str]:
+async def cancel(record: QueueRecord, fal: FalClient) -> tuple[int, str]:
     """Ask fal to cancel; the job's hold is then released or settled from fal's answer by the
     money path that watches the job (released if fal cancels it, settled if it completed)."""
     if record.final:
         return 400, "ALREADY_COMPLETED"
-    answer = await deps.fal.cancel(record.endpoint, record.fal_request_id)
+    answer = await fal.cancel(record.endpoint, record.fal_request_id)
     return _CANCEL_CODES.get(answer, 202), answer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from app.ops.shutdown import InflightTracker
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.settings import Settings
 from app.upstream.client import FalClient
-from app.upstream.types import GeneratedImage, UpstreamCall, UpstreamResult
+from app.upstream.types import GeneratedImage, OnSubmitted, UpstreamCall, UpstreamResult
 
 GENERATE, TRANSFORM, UPSCALE = "generate", "transform", "upscale"
 SETTLE_RETRY_S = 10.0
@@ -65,6 +66,7 @@ class Outcome:
     remaining: int | None
     headers: dict[str, str] = field(default_factory=dict)
     upstream_request_id: str | None = None
+    result: UpstreamResult | None = None  # fal's output as fal sent it (fal's own API)
 
 
 def _check_output_pixels(width: int, height: int, settings: Settings) -> None:
@@ -245,15 +247,81 @@ def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
     return accepted
 
 
-async def execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+async def execute(
+    job: Job,
+    key: ApiKey,
+    request_id: str,
+    path: MoneyPath,
+    *,
+    on_submitted: OnSubmitted | None = None,
+) -> Outcome:
     """Admit, forward and settle one job.
 
     Before fal accepted the job every failure releases the hold; after, the hold is settled
     to what fal produced, or marked ``unresolved`` for the resolver to settle or release from
-    fal's answer (SPEC section 10).
+    fal's answer (SPEC section 10). ``on_submitted`` is told fal's request id once it is
+    recorded on the hold (queue protocol only); if it raises, fal is told to cancel.
     """
     with path.inflight.track():
-        return await _execute(job, key, request_id, path)
+        return await _execute(job, key, request_id, path, on_submitted)
+
+
+async def submit_detached(
+    job: Job,
+    key: ApiKey,
+    request_id: str,
+    path: MoneyPath,
+    *,
+    on_submitted: OnSubmitted,
+    on_finished: Callable[[Outcome | FalgateError], Awaitable[None]],
+) -> str:
+    """Admit ``job`` and submit it to fal, returning fal's request id as soon as fal accepted
+    it (fal's queue shape); every refusal or failure before that is raised here.
+
+    The job then runs to its end detached from the caller, through :func:`execute`: the hold
+    is settled to what fal produced or released from fal's answer, whether or not anyone asks
+    for the result (and by the resolver if this process dies). ``on_submitted`` runs before
+    this returns; ``on_finished`` gets the outcome or the error the job ended with.
+    """
+    accepted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def submitted(fal_request_id: str) -> None:
+        await on_submitted(fal_request_id)
+        if not accepted.done():
+            accepted.set_result(fal_request_id)
+
+    async def run_to_the_end() -> None:
+        try:
+            outcome = await execute(job, key, request_id, path, on_submitted=submitted)
+        except FalgateError as exc:
+            if not accepted.done():
+                accepted.set_exception(exc)
+                return
+            await on_finished(exc)
+            return
+        except BaseException as exc:
+            if not accepted.done():
+                accepted.set_exception(exc)
+            raise
+        if not accepted.done():  # fal's sync protocol: its id only comes with the result
+            fal_request_id = outcome.upstream_request_id or ""
+            await on_submitted(fal_request_id)
+            accepted.set_result(fal_request_id)
+        await on_finished(outcome)
+
+    task = asyncio.ensure_future(run_to_the_end())
+    _DETACHED.add(task)
+    task.add_done_callback(_DETACHED.discard)
+    try:
+        return await asyncio.shield(accepted)
+    except asyncio.CancelledError:
+        if not accepted.done():
+            task.cancel()  # the caller left before fal took the job: nothing runs or bills
+        raise
+
+
+#: Detached jobs still running (a reference keeps each task alive until it ends).
+_DETACHED: set[asyncio.Task[None]] = set()
 
 
 def _admit_request(job: Job, key: ApiKey, request_id: str) -> AdmitRequest:
@@ -363,7 +431,9 @@ async def _settle_and_free(
             delay = min(delay * 2, 1.0)
 
 
-async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+async def _execute(
+    job: Job, key: ApiKey, request_id: str, path: MoneyPath, on_submitted: OnSubmitted | None
+) -> Outcome:
     request = _admit_request(job, key, request_id)
     admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
     try:
@@ -380,10 +450,12 @@ async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> O
             except BaseException:
                 await path.inflight.shield(_release_all(path, admission, "failed"))
                 raise
-        return await _forward(job, admission, path)
+        return await _forward(job, admission, path, on_submitted)
 
 
-async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
+async def _forward(
+    job: Job, admission: Admission, path: MoneyPath, then: OnSubmitted | None
+) -> Outcome:
     request_id = admission.request_id
     accepted: list[str] = []  # fal's request id, once fal accepted the job
 
@@ -401,6 +473,8 @@ async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
             # job): nothing could bill the job, so the fal client cancels it.
             accepted.clear()
             raise UpstreamError("The request's hold expired before fal accepted it.")
+        if then is not None:
+            await then(fal_request_id)
 
     try:
         result: UpstreamResult = await path.fal.run(job.call, on_submitted=on_submitted)
@@ -428,4 +502,5 @@ async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
         remaining=settlement.remaining,
         headers=dict(admission.headers),
         upstream_request_id=result.request_id or (accepted[0] if accepted else None),
+        result=result,
     )
