@@ -30,6 +30,7 @@ from app.generation import service as generation
 from app.generation.routes import _execute, _metered
 from app.keys.service import ApiKey
 from app.metering.http import idempotent
+from app.money import format_usd
 from app.redis import REDIS_ERRORS
 
 _LOGS = {"1": True, "true": True, "0": False, "false": False, "": False}
@@ -70,7 +71,7 @@ class FalRoute(APIRoute):
 router = APIRouter(prefix="/fal", tags=["fal"], route_class=FalRoute)
 
 _ERRORS = fal_error_responses(400, 401, 402, 403, 404, 413, 422, 429, 502, 503, 504)
-_LOOKUP_ERRORS = fal_error_responses(401, 404, 503)
+_LOOKUP_ERRORS = fal_error_responses(401, 404, 422, 503)
 _RUN_DOC = {"description": "The model's output, exactly as fal returned it."}
 LogsParam = Annotated[
     str | None,
@@ -101,7 +102,9 @@ def _records(request: Request) -> service.QueueRecords:
     state = request.app.state
     records: service.QueueRecords | None = getattr(state, "fal_records", None)
     if records is None:
-        records = state.fal_records = service.QueueRecords(state.redis)
+        records = state.fal_records = service.QueueRecords(
+            state.redis, state.settings.request_record_ttl_s
+        )
     return records
 
 
@@ -139,11 +142,14 @@ async def _submit(
         job = await _plan(request, key, model_id, query)
         request.state.model = job.model_id
         rid = request_id_of(request)
-        fal_id = await service.submit(job, key, rid, request.app.state.money, _records(request))
-        request.state.upstream_request_id = fal_id
+        submitted = await service.submit(job, key, rid, request.app.state.money, _records(request))
+        request.state.upstream_request_id = submitted.fal_request_id
         links = service.links(_base_url(request), job.call.endpoint, rid)
         body = SubmitResponse(**links, status="IN_QUEUE", queue_position=0)
-        return JSONResponse(body.model_dump(), headers={"x-fal-request-id": rid})
+        headers = {"x-fal-request-id": rid, **submitted.headers}
+        if submitted.remaining is not None:
+            headers["X-Budget-Remaining-USD"] = format_usd(submitted.remaining)
+        return JSONResponse(body.model_dump(), headers=headers)
 
     return await idempotent(request, key.id, handle)
 
@@ -281,11 +287,15 @@ async def fal_queue_submit(request: Request, model_id: str, key: CurrentKey) -> 
 # --- proxy mode ------------------------------------------------------------------------------
 
 
-@router.api_route(
+_PROXY_SUMMARY = "fal's proxy convention: the fal URL in x-fal-target-url (@fal-ai/server-proxy)"
+
+
+@router.get("/proxy", operation_id="falProxyGet", summary=_PROXY_SUMMARY, responses=_ERRORS)
+@router.put("/proxy", operation_id="falProxyPut", summary=_PROXY_SUMMARY, responses=_ERRORS)
+@router.post(
     "/proxy",
-    methods=["GET", "POST", "PUT"],
-    operation_id="falProxy",
-    summary="fal's proxy convention: the fal URL in x-fal-target-url (@fal-ai/server-proxy)",
+    operation_id="falProxyPost",
+    summary=_PROXY_SUMMARY,
     responses={200: _RUN_DOC, **_ERRORS},
 )
 async def fal_proxy(request: Request, key: CurrentKey, target_url: TargetUrl = None) -> Response:

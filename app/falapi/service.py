@@ -332,7 +332,6 @@ def _method_not_allowed(method: str, url: str) -> InvalidRequest:
 
 # --- the queue: request records owned by the submitting key ---------------------------------
 
-RECORD_TTL_S = 24 * 3600
 FINAL = ("completed", "failed")
 
 
@@ -396,8 +395,9 @@ async def lookup(
 class QueueRecords:
     """Redis-backed records of the fal surface's queue requests."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, ttl_s: int) -> None:
         self.redis = redis
+        self.ttl_s = ttl_s  # as long as the money path remembers the request
 
     async def create(self, key_id: str, request_id: str, endpoint: str, fal_id: str) -> None:
         name = record_key(key_id, request_id)
@@ -405,7 +405,7 @@ class QueueRecords:
             pipe.hsetnx(name, "endpoint", endpoint)
             pipe.hset(name, mapping={"fal_request_id": fal_id})
             pipe.hsetnx(name, "state", "submitted")
-            pipe.expire(name, RECORD_TTL_S)
+            pipe.expire(name, self.ttl_s)
             await pipe.execute()
 
     async def finish(
@@ -427,7 +427,7 @@ class QueueRecords:
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(name, mapping=mapping)
-            pipe.expire(name, RECORD_TTL_S)
+            pipe.expire(name, self.ttl_s)
             await pipe.execute()
 
     async def get(self, key_id: str, owner_app_path: str, request_id: str) -> QueueRecord:
@@ -476,7 +476,7 @@ def fal_error(exc: FalgateError) -> tuple[int, dict[str, Any], dict[str, str]]:
 
 async def submit(
     job: service.Job, key: ApiKey, request_id: str, path: service.MoneyPath, records: QueueRecords
-) -> str:
+) -> service.Submitted:
     """Admit and submit ``job``; return fal's request id as soon as fal accepted it.
 
     The job then runs to its end detached, through the one money path

@@ -253,14 +253,15 @@ async def execute(
     request_id: str,
     path: MoneyPath,
     *,
-    on_submitted: OnSubmitted | None = None,
+    on_submitted: OnAccepted | None = None,
 ) -> Outcome:
     """Admit, forward and settle one job.
 
     Before fal accepted the job every failure releases the hold; after, the hold is settled
     to what fal produced, or marked ``unresolved`` for the resolver to settle or release from
-    fal's answer (SPEC section 10). ``on_submitted`` is told fal's request id once it is
-    recorded on the hold (queue protocol only); if it raises, fal is told to cancel.
+    fal's answer (SPEC section 10). ``on_submitted`` is told fal's request id (and the
+    admission) once it is recorded on the hold (queue protocol only); if it raises, fal is
+    told to cancel.
     """
     with path.inflight.track():
         return await _execute(job, key, request_id, path, on_submitted)
@@ -274,7 +275,7 @@ async def submit_detached(
     *,
     on_submitted: OnSubmitted,
     on_finished: Callable[[Outcome | FalgateError], Awaitable[None]],
-) -> str:
+) -> Submitted:
     """Admit ``job`` and submit it to fal, returning fal's request id as soon as fal accepted
     it (fal's queue shape); every refusal or failure before that is raised here.
 
@@ -283,12 +284,12 @@ async def submit_detached(
     for the result (and by the resolver if this process dies). ``on_submitted`` runs before
     this returns; ``on_finished`` gets the outcome or the error the job ended with.
     """
-    accepted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    accepted: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
 
-    async def submitted(fal_request_id: str) -> None:
+    async def submitted(fal_request_id: str, admission: Admission) -> None:
         await on_submitted(fal_request_id)
         if not accepted.done():
-            accepted.set_result(fal_request_id)
+            accepted.set_result(Submitted(fal_request_id, admission.remaining, admission.headers))
 
     async def run_to_the_end() -> None:
         try:
@@ -306,7 +307,7 @@ async def submit_detached(
         if not accepted.done():  # fal's sync protocol: its id only comes with the result
             fal_request_id = outcome.upstream_request_id or ""
             await on_submitted(fal_request_id)
-            accepted.set_result(fal_request_id)
+            accepted.set_result(Submitted(fal_request_id, outcome.remaining, outcome.headers))
         await on_finished(outcome)
 
     task = asyncio.ensure_future(run_to_the_end())
@@ -319,6 +320,17 @@ async def submit_detached(
             task.cancel()  # the caller left before fal took the job: nothing runs or bills
         raise
 
+
+@dataclass(frozen=True)
+class Submitted:
+    """A detached job fal accepted: fal's id, and the admission's budget and limit headers."""
+
+    fal_request_id: str
+    remaining: int | None
+    headers: dict[str, str]
+
+
+OnAccepted = Callable[[str, Admission], Awaitable[None]]
 
 #: Detached jobs still running (a reference keeps each task alive until it ends).
 _DETACHED: set[asyncio.Task[None]] = set()
@@ -432,7 +444,7 @@ async def _settle_and_free(
 
 
 async def _execute(
-    job: Job, key: ApiKey, request_id: str, path: MoneyPath, on_submitted: OnSubmitted | None
+    job: Job, key: ApiKey, request_id: str, path: MoneyPath, on_submitted: OnAccepted | None
 ) -> Outcome:
     request = _admit_request(job, key, request_id)
     admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
@@ -454,7 +466,7 @@ async def _execute(
 
 
 async def _forward(
-    job: Job, admission: Admission, path: MoneyPath, then: OnSubmitted | None
+    job: Job, admission: Admission, path: MoneyPath, then: OnAccepted | None
 ) -> Outcome:
     request_id = admission.request_id
     accepted: list[str] = []  # fal's request id, once fal accepted the job
@@ -474,7 +486,7 @@ async def _forward(
             accepted.clear()
             raise UpstreamError("The request's hold expired before fal accepted it.")
         if then is not None:
-            await then(fal_request_id)
+            await then(fal_request_id, admission)
 
     try:
         result: UpstreamResult = await path.fal.run(job.call, on_submitted=on_submitted)

@@ -156,6 +156,17 @@ def test_budget_and_auth_errors_are_fal_shaped(
     assert fal_sandbox.requests() == []
 
 
+def test_rate_limits_apply_as_on_v1(tls_gateway: TlsGateway, fal_sandbox: Sandbox) -> None:
+    key_id, key = tls_gateway.create_key(rpm=1)
+    with tls_gateway.client(key) as client:
+        first = client.post("/fal/queue/fal-ai/flux/dev", json={"prompt": "x"})
+        second = client.post("/fal/run/fal-ai/flux/dev", json={"prompt": "x"})
+    assert first.status_code == 200 and first.headers["RateLimit-Limit"] == "1"
+    assert second.status_code == 429 and second.json()["error_type"] == "rate_limited"
+    assert int(second.headers["Retry-After"]) > 0
+    assert len(assert_billed_as_produced(tls_gateway, key_id, key)) == 1
+
+
 def test_another_keys_request_id_is_404(tls_gateway: TlsGateway, fal_sandbox: Sandbox) -> None:
     owner_id, owner = tls_gateway.create_key()
     _, stranger = tls_gateway.create_key()
