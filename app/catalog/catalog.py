@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -110,7 +111,7 @@ class Catalog:
             raise ModelNotFound(f"Unknown upscaler '{_clip(name)}'.", param="model")
         return entry
 
-    @property
+    @cached_property
     def fal_endpoints(self) -> dict[str, FalEndpoint]:
         """Every fal endpoint id the catalog prices: each model's text-to-image and
         image-to-image endpoints and each upscaler's endpoint (first declaration wins)."""
