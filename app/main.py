@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from redis.asyncio import Redis
 
 from app import __version__
 from app.catalog import load_catalog
@@ -22,6 +23,7 @@ from app.falapi.routes import router as fal_router
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
 from app.http import BodyLimitMiddleware
+from app.keys.invalidation import KeyChangeListener
 from app.keys.routes import router as keys_router
 from app.keys.schemas import KeyCreate
 from app.keys.service import KeyService
@@ -164,6 +166,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         keys = KeyService(redis, known_models=_known_models(app))
         app.state.keys = keys
+        if isinstance(redis, Redis):  # redis-py's asyncio cluster client has no pub/sub
+            listener = KeyChangeListener(redis, keys)
+            await listener.start()
+            stack.push_async_callback(listener.stop)
 
         process_id = f"proc_{secrets.token_hex(6)}"
         app.state.process_id = process_id
