@@ -142,6 +142,9 @@ async def plan(
 ) -> service.Job:
     """Validate and price a fal input for ``endpoint_id``: the job the money path runs."""
     endpoint = catalog.fal_endpoint(endpoint_id)
+    entry = endpoint.model or endpoint.upscaler
+    assert entry is not None
+    key.check_model(entry.id)  # before any input image is fetched on the key's behalf
     _check_fields(endpoint, body)
     if endpoint.kind == "upscale":
         return await _plan_upscale(catalog, settings, key, endpoint, body, http)
