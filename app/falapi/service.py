@@ -350,7 +350,7 @@ class QueueRecord:
 
     request_id: str
     endpoint: str
-    state: str  # submitted | completed | failed
+    state: str  # submitted | completed (settled) | failed (released; set from the money path)
     fal_request_id: str = ""
     result: str = ""  # fal's output JSON once completed
     error: str = ""  # fal-shaped error JSON once failed
@@ -387,7 +387,7 @@ async def lookup(
         money = await meter.request_record(key_id, request_id)
         if money is not None and money.resolved:
             record.state = "completed" if money.status == "completed" else "failed"
-            if record.state == "failed":
+            if record.state == "failed" and not record.error:
                 record.status_code = 422
                 record.error = json.dumps(
                     {"detail": f"The request {money.status}.", "error_type": money.status}
@@ -411,25 +411,18 @@ class QueueRecords:
             pipe.expire(name, self.ttl_s)
             await pipe.execute()
 
-    async def finish(
-        self,
-        key_id: str,
-        request_id: str,
-        *,
-        state: str,
-        status_code: int,
-        result: str = "",
-        error: str = "",
-    ) -> None:
+    async def finish(self, key_id: str, request_id: str, result: str) -> None:
+        """Completed (and settled): keep fal's output for the result route."""
+        await self._update(key_id, request_id, {"state": "completed", "result": result})
+
+    async def note_error(self, key_id: str, request_id: str, status: int, error: str) -> None:
+        """The error the request path ended with; the state stays for the money path."""
+        await self._update(key_id, request_id, {"status_code": str(status), "error": error})
+
+    async def _update(self, key_id: str, request_id: str, fields: dict[str, str]) -> None:
         name = record_key(key_id, request_id)
-        mapping = {
-            "state": state,
-            "status_code": str(status_code),
-            "result": result,
-            "error": error,
-        }
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(name, mapping=mapping)
+            pipe.hset(name, mapping=fields)
             pipe.expire(name, self.ttl_s)
             await pipe.execute()
 
@@ -491,16 +484,16 @@ async def submit(
         await records.create(key.id, request_id, job.call.endpoint, fal_request_id)
 
     async def on_finished(outcome: service.Outcome | FalgateError) -> None:
-        if isinstance(outcome, FalgateError):
-            status, body, _ = fal_error(outcome)
-            state, result, error = "failed", "", json.dumps(body)
-        else:
-            status, state, error = 200, "completed", ""
-            result = json.dumps(output_body(outcome))
         try:
-            await records.finish(
-                key.id, request_id, state=state, status_code=status, result=result, error=error
-            )
+            if isinstance(outcome, FalgateError):
+                # fal had accepted the job, so its hold waits for the resolver's reading of
+                # fal's answer: the request stays pending until then (``lookup``), and this
+                # error is what a failed request will say.
+                status, body, _ = fal_error(outcome)
+                await records.note_error(key.id, request_id, status, json.dumps(body))
+            else:
+                body = output_body(outcome)
+                await records.finish(key.id, request_id, json.dumps(body))
         except Exception:
             log.warning("could not keep the outcome of fal queue request %s", request_id)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
+
 from tests.conftest import Sandbox
 from tests.falapi.conftest import TlsGateway, assert_billed_as_produced
 
@@ -368,3 +370,35 @@ def test_queue_answers_wait_for_nothing(tls_gateway: TlsGateway, fal_sandbox: Sa
             time.sleep(0.05)
     assert done.json()["status"] == "COMPLETED"
     assert_billed_as_produced(tls_gateway, key_id, key)
+
+
+def test_a_result_fal_failed_to_hand_over_is_still_billed_and_served(
+    tls_gateway: TlsGateway, fal_sandbox: Sandbox
+) -> None:
+    """fal made the images but answered 500 to every result fetch of the request path: the
+    request stays pending until the resolver has fal's answer, then completes and is billed;
+    the client never sees a failure for work it is charged for."""
+    fal_sandbox.configure(
+        faults=[{"kind": "error", "scope": "result", "status_code": 500, "count": 4}]
+    )
+    key_id, key = tls_gateway.create_key()
+    out = tls_gateway.python(
+        key,
+        """
+        import json
+        import fal_client
+
+        handle = fal_client.submit("fal-ai/flux/dev", arguments={"prompt": "x"})
+        result = handle.get()
+        print(json.dumps({"id": handle.request_id, "result": result,
+                          "final": handle.status().__class__.__name__,
+                          "error": handle.status().error}))
+        """,
+    )
+    assert out["final"] == "Completed" and out["error"] is None
+    (produced,) = fal_sandbox.requests()
+    assert out["result"]["images"][0]["url"] == produced["images"][0]["url"]
+    (settle,) = assert_billed_as_produced(tls_gateway, key_id, key)
+    assert settle["request_id"] == out["id"]
+    (rule,) = httpx.get(f"{fal_sandbox.url}/_sandbox/config", timeout=5).json()["faults"]
+    assert rule["hits"] == 4  # every result fetch of the request path failed
