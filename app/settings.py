@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     # --- state -------------------------------------------------------------
     redis_url: str | None = None
     redis_socket_timeout_s: float = 0.5
-    redis_connect_timeout_s: float = 0.5
+    # Generous enough for a burst that opens many pooled connections on a busy event loop; a
+    # Redis that is down refuses connections at once, and a stalled one hits the read timeout.
+    redis_connect_timeout_s: float = 2.0
     # Connections per process (per node on a cluster); a request waits up to
     # ``redis_pool_timeout_s`` for one instead of failing when all are busy.
     redis_max_connections: int = 256

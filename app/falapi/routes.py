@@ -30,6 +30,7 @@ from app.generation import service as generation
 from app.generation.routes import _execute, _metered
 from app.keys.service import ApiKey
 from app.metering.http import idempotent
+from app.metering.meter import RequestRecord
 from app.money import format_usd
 from app.redis import REDIS_ERRORS
 
@@ -132,7 +133,12 @@ async def _run(request: Request, key: ApiKey, model_id: str, query: Mapping[str,
         response.headers["x-fal-request-id"] = request_id_of(request)
         return response
 
-    return await idempotent(request, key.id, handle)
+    def replay(record: RequestRecord) -> Response:
+        """A retry of a completed run whose response was never stored (``Idempotency-Key``)."""
+        body = service.replayed_output(record)
+        return JSONResponse(body, headers={"x-fal-request-id": record.request_id})
+
+    return await idempotent(request, key.id, handle, replay)
 
 
 async def _submit(
@@ -151,7 +157,13 @@ async def _submit(
             headers["X-Budget-Remaining-USD"] = format_usd(submitted.remaining)
         return JSONResponse(body.model_dump(), headers=headers)
 
-    return await idempotent(request, key.id, handle)
+    def replay(record: RequestRecord) -> Response:
+        """A retry of a submit whose response was never stored: the same request id."""
+        links = service.links(_base_url(request), model_id, record.request_id)
+        body = SubmitResponse(**links, status="IN_QUEUE", queue_position=0)
+        return JSONResponse(body.model_dump(), headers={"x-fal-request-id": record.request_id})
+
+    return await idempotent(request, key.id, handle, replay)
 
 
 async def _status_body(

@@ -27,10 +27,10 @@ from app.generation import service
 from app.generation.schemas import GenerateRequest, TransformRequest, UpscaleRequest
 from app.images import fit_to_size, load_input_image, to_data_uri
 from app.keys.service import ApiKey
-from app.metering.meter import Meter
+from app.metering.meter import Meter, RequestRecord
 from app.settings import Settings
 from app.upstream.client import FalClient
-from app.upstream.types import UpstreamCall
+from app.upstream.types import GeneratedImage, UpstreamCall
 
 log = logging.getLogger("falgate.falapi")
 
@@ -517,13 +517,24 @@ def output_body(outcome: service.Outcome) -> dict[str, Any]:
     only if fal's own body is not at hand)."""
     if outcome.result is not None and outcome.result.body:
         return outcome.result.body
-    images = [
+    return _fal_shaped(outcome.job.operation, outcome.images, outcome.seed, outcome.job.prompt)
+
+
+def replayed_output(record: RequestRecord) -> dict[str, Any]:
+    """A completed request's output in fal's shape, rebuilt from the money path's record."""
+    return _fal_shaped(record.operation, record.images or [], record.seed, record.prompt)
+
+
+def _fal_shaped(
+    operation: str, images: list[GeneratedImage], seed: int | None, prompt: str | None
+) -> dict[str, Any]:
+    shaped = [
         {"url": i.url, "width": i.width, "height": i.height, "content_type": i.content_type}
-        for i in outcome.images
+        for i in images
     ]
-    if outcome.job.operation == service.UPSCALE:
-        return {"image": images[0] if images else None}
-    return {"images": images, "seed": outcome.seed, "prompt": outcome.job.prompt}
+    if operation == service.UPSCALE:
+        return {"image": shaped[0] if shaped else None}
+    return {"images": shaped, "seed": seed, "prompt": prompt}
 
 
 def links(base_url: str, endpoint: str, request_id: str) -> dict[str, str]:

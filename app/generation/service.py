@@ -416,12 +416,17 @@ async def _release_once_admitted(
 
 
 async def _settle_and_free(
-    path: MoneyPath, admission: Admission, actual: Price, images: list[GeneratedImage]
+    path: MoneyPath,
+    admission: Admission,
+    actual: Price,
+    images: list[GeneratedImage],
+    seed: int | None,
+    upstream: str | None,
 ) -> Settlement:
     """Settle the hold and free the upstream slot in one round trip; if Redis is briefly
     unreachable, keep trying to settle (fal did, and billed, the work)."""
     meter, gate = path.meter, path.gate
-    settle = meter.settle_call(admission, actual, images)
+    settle = meter.settle_call(admission, actual, images, seed, upstream)
     delay = 0.05
     deadline = time.monotonic() + SETTLE_RETRY_S
     calls: tuple[ScriptCall, ...] = (gate.release_call(admission.request_id), settle)
@@ -502,17 +507,19 @@ async def _forward(
             raise _accepted(exc, request_id) from exc
         raise
     images = filled_images(job, result)
+    seed = result.seed if result.seed is not None else job.seed
+    upstream_id = result.request_id or (accepted[0] if accepted else None)
     settlement = await path.inflight.shield(
-        _settle_and_free(path, admission, actual_price(job, images), images)
+        _settle_and_free(path, admission, actual_price(job, images), images, seed, upstream_id)
     )
     record_settled(job.model_id, settlement.charged)
     return Outcome(
         job=job,
         images=images,
-        seed=result.seed if result.seed is not None else job.seed,
+        seed=seed,
         charged=settlement.charged,
         remaining=settlement.remaining,
         headers=dict(admission.headers),
-        upstream_request_id=result.request_id or (accepted[0] if accepted else None),
+        upstream_request_id=upstream_id,
         result=result,
     )

@@ -368,7 +368,12 @@ class Meter:
         return self.settlement_from(reply)
 
     def settle_call(
-        self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()
+        self,
+        admission: Admission,
+        actual: Price,
+        images: Sequence[GeneratedImage] = (),
+        seed: int | None = None,
+        upstream: str | None = None,
     ) -> ScriptCall:
         """:meth:`settle` as a script call, to run together with other scripts."""
         return self.resolve_call(
@@ -379,6 +384,8 @@ class Meter:
             pixels=actual.pixels,
             reason="completed",
             images=images,
+            seed=seed,
+            upstream=upstream,
         )
 
     def release_call(
@@ -406,6 +413,7 @@ class Meter:
         images: Sequence[GeneratedImage] = (),
         seed: int | None = None,
         outcome: str = "failed",
+        upstream: str | None = None,
     ) -> ScriptCall:
         """The resolve script (settle or release one hold, exactly once)."""
         keys = [
@@ -430,6 +438,7 @@ class Meter:
             "" if seed is None else str(seed),
             self.record_ttl_ms,
             outcome,
+            upstream or "",
         ]
         return self._resolve.call(keys, args)
 

@@ -402,3 +402,17 @@ def test_a_result_fal_failed_to_hand_over_is_still_billed_and_served(
     assert settle["request_id"] == out["id"]
     (rule,) = httpx.get(f"{fal_sandbox.url}/_sandbox/config", timeout=5).json()["faults"]
     assert rule["hits"] == 4  # every result fetch of the request path failed
+
+
+def test_idempotent_submit_is_one_job(tls_gateway: TlsGateway, fal_sandbox: Sandbox) -> None:
+    key_id, key = tls_gateway.create_key()
+    headers = {"Idempotency-Key": "submit-once"}
+    with tls_gateway.client(key) as client:
+        first = client.post("/fal/queue/fal-ai/flux/dev", json={"prompt": "x"}, headers=headers)
+        again = client.post("/fal/queue/fal-ai/flux/dev", json={"prompt": "x"}, headers=headers)
+        other = client.post("/fal/queue/fal-ai/flux/dev", json={"prompt": "y"}, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert other.status_code == 409 and other.json()["error_type"] == "idempotency_conflict"
+    (settle,) = assert_billed_as_produced(tls_gateway, key_id, key)
+    assert settle["request_id"] == first.json()["request_id"]
