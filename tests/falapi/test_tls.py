@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from app.ops.tls import TlsConfigError, development_certificate, tls_files
 from app.settings import Settings
 from tests.conftest import ADMIN_TOKEN, ROOT
+from tests.falapi.conftest import TlsGateway
 
 
 def test_development_ca_signs_a_localhost_certificate(tmp_path: Path) -> None:
@@ -72,3 +73,12 @@ def test_serve_refuses_a_self_signed_certificate_with_a_real_fal_key(tmp_path: P
     assert result.returncode == 2
     assert "FALGATE_TLS_SELF_SIGNED is for sandbox mode only" in result.stderr
     assert not (tmp_path / "tls").exists()
+
+
+def test_serve_prints_the_one_line_for_fals_clients(tls_gateway: TlsGateway) -> None:
+    ca = tls_gateway.ca_file.resolve()
+    address = tls_gateway.address
+    assert (
+        f"SSL_CERT_FILE={ca} FAL_RUN_HOST={address}/fal/run "
+        f"FAL_QUEUE_RUN_HOST={address}/fal/queue" in tls_gateway.log.read_text()
+    )
