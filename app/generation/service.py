@@ -307,7 +307,9 @@ async def submit_detached(
         if not accepted.done():  # fal's sync protocol: its id only comes with the result
             fal_request_id = outcome.upstream_request_id or ""
             await on_submitted(fal_request_id)
+            await on_finished(outcome)
             accepted.set_result(Submitted(fal_request_id, outcome.remaining, outcome.headers))
+            return
         await on_finished(outcome)
 
     task = asyncio.ensure_future(run_to_the_end())
