@@ -306,8 +306,12 @@ async def submit_detached(
             raise
         if not accepted.done():  # fal's sync protocol: its id only comes with the result
             fal_request_id = outcome.upstream_request_id or ""
-            await on_submitted(fal_request_id)
-            await on_finished(outcome)
+            try:
+                await on_submitted(fal_request_id)
+                await on_finished(outcome)
+            except BaseException as exc:  # settled all the same; the caller learns of it
+                accepted.set_exception(exc)
+                raise
             accepted.set_result(Submitted(fal_request_id, outcome.remaining, outcome.headers))
             return
         await on_finished(outcome)
