@@ -309,9 +309,9 @@ async def submit_detached(
             try:
                 await on_submitted(fal_request_id)
                 await on_finished(outcome)
-            except BaseException as exc:  # settled all the same; the caller learns of it
+            except Exception as exc:  # settled all the same; the caller learns of it
                 accepted.set_exception(exc)
-                raise
+                return
             accepted.set_result(Submitted(fal_request_id, outcome.remaining, outcome.headers))
             return
         await on_finished(outcome)
