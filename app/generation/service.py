@@ -300,10 +300,12 @@ async def submit_detached(
                 return
             await on_finished(exc)
             return
-        except BaseException as exc:
+        except Exception as exc:  # e.g. on_submitted could not record fal's id
             if not accepted.done():
                 accepted.set_exception(exc)
-            raise
+            else:
+                log.exception("detached job %s failed", request_id)
+            return
         if not accepted.done():  # fal's sync protocol: its id only comes with the result
             fal_request_id = outcome.upstream_request_id or ""
             try:
