@@ -10,12 +10,15 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from app.errors import FalgateError
 from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from app.ops.tls import TlsFiles
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tls(settings: Settings, tls: Any) -> None:
+def _print_tls(settings: Settings, tls: TlsFiles) -> None:
     """Where the gateway is served over https, and (development CA) the one line that makes
     fal's clients trust it."""
     host = (
