@@ -20,6 +20,7 @@ from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
 from app.errors import add_exception_handlers
 from app.falapi.routes import router as fal_router
+from app.falapi.service import QueueFollower
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
 from app.http import BodyLimitMiddleware
@@ -181,11 +182,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(leases.stop)
         deferred = DeferredWrites(redis)
         stack.push_async_callback(deferred.drain, settings.shutdown_grace_s)
-        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred)
         sweeper = Sweeper(redis, settings, process_id, fal)
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
+        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred, sweeper)
+        fal_follower = QueueFollower(app.state.money, settings)  # fal's queue API (falapi)
+        stack.push_async_callback(fal_follower.stop)
+        app.state.fal_follower = fal_follower
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)

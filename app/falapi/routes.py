@@ -103,14 +103,18 @@ def _records(request: Request) -> service.QueueRecords:
     state = request.app.state
     records: service.QueueRecords | None = getattr(state, "fal_records", None)
     if records is None:
-        records = state.fal_records = service.QueueRecords(
-            state.redis, state.settings.request_record_ttl_s
-        )
+        ttl_s = state.settings.request_record_ttl_s
+        records = state.fal_records = service.QueueRecords(state.redis, state.meter, ttl_s)
     return records
 
 
+def _follower(request: Request) -> service.QueueFollower:
+    follower: service.QueueFollower = request.app.state.fal_follower
+    return follower
+
+
 async def _lookup(request: Request, key: ApiKey, app_path: str, rid: str) -> service.QueueRecord:
-    return await service.lookup(_records(request), request.app.state.meter, key.id, app_path, rid)
+    return await _records(request).get(key.id, app_path, rid)
 
 
 # --- the handlers, shared by the direct routes and the proxy route ---------------------------
@@ -148,13 +152,16 @@ async def _submit(
         job = await _plan(request, key, model_id, query)
         request.state.model = job.model_id
         rid = request_id_of(request)
-        submitted = await service.submit(job, key, rid, request.app.state.money, _records(request))
-        request.state.upstream_request_id = submitted.fal_request_id
+        submitted = await service.submit(
+            job, key, rid, request.app.state.money, _records(request), _follower(request)
+        )
+        request.state.upstream_request_id = submitted.upstream_request_id
         links = service.links(_base_url(request), job.call.endpoint, rid)
         body = SubmitResponse(**links, status="IN_QUEUE", queue_position=0)
-        headers = {"x-fal-request-id": rid, **submitted.headers}
-        if submitted.remaining is not None:
-            headers["X-Budget-Remaining-USD"] = format_usd(submitted.remaining)
+        admission = submitted.admission
+        headers = {"x-fal-request-id": rid, **admission.headers}
+        if admission.remaining is not None:
+            headers["X-Budget-Remaining-USD"] = format_usd(admission.remaining)
         return JSONResponse(body.model_dump(), headers=headers)
 
     def replay(record: RequestRecord) -> Response:
@@ -215,7 +222,7 @@ async def _result(request: Request, key: ApiKey, app_path: str, rid: str) -> Res
 
 async def _cancel(request: Request, key: ApiKey, app_path: str, rid: str) -> Response:
     record = await _lookup(request, key, app_path, rid)
-    code, answer = await service.cancel(record, request.app.state.fal)
+    code, answer = await service.cancel(record, key.id, request.app.state.fal, _follower(request))
     return JSONResponse({"status": answer}, status_code=code, headers={"x-fal-request-id": rid})
 
 

@@ -27,6 +27,7 @@ from app.generation import service
 from app.generation.schemas import GenerateRequest, TransformRequest, UpscaleRequest
 from app.images import fit_to_size, load_input_image, to_data_uri
 from app.keys.service import ApiKey
+from app.metering.lua import store_errors
 from app.metering.meter import Meter, RequestRecord
 from app.settings import Settings
 from app.upstream.client import FalClient
@@ -333,113 +334,6 @@ def _method_not_allowed(method: str, url: str) -> InvalidRequest:
     return error
 
 
-# --- the queue: request records owned by the submitting key ---------------------------------
-
-FINAL = ("completed", "failed")
-
-
-def record_key(key_id: str, request_id: str) -> str:
-    """``{k:<key id>}:fal:<request id>``: in the key's own keyspace, so a request id is only
-    ever found by the key that submitted it (any other key gets a 404)."""
-    return f"{{k:{key_id}}}:fal:{request_id}"
-
-
-@dataclass
-class QueueRecord:
-    """One queue request as the fal surface tracks it (what status/result/cancel answer from)."""
-
-    request_id: str
-    endpoint: str
-    state: str  # submitted | completed (settled) | failed (released; set from the money path)
-    fal_request_id: str = ""
-    result: str = ""  # fal's output JSON once completed
-    error: str = ""  # fal-shaped error JSON once failed
-    status_code: int = 200
-
-    @classmethod
-    def from_hash(cls, request_id: str, raw: Mapping[str, str]) -> QueueRecord:
-        return cls(
-            request_id=request_id,
-            endpoint=raw.get("endpoint", ""),
-            state=raw.get("state", "submitted"),
-            fal_request_id=raw.get("fal_request_id", ""),
-            result=raw.get("result", ""),
-            error=raw.get("error", ""),
-            status_code=int(raw.get("status_code") or 200),
-        )
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL
-
-
-async def lookup(
-    records: QueueRecords, meter: Meter, key_id: str, owner_app_path: str, request_id: str
-) -> QueueRecord:
-    """The key's queue request; a 404 for any other key's id.
-
-    The money path's own record (``GET /v1/requests/{id}``) decides when it is finished: if
-    the job's process died, the resolver settled it from fal's answer, and the output is then
-    fetched from fal by the result route.
-    """
-    record = await records.get(key_id, owner_app_path, request_id)
-    if not record.final:
-        money = await meter.request_record(key_id, request_id)
-        if money is not None and money.resolved:
-            record.state = "completed" if money.status == "completed" else "failed"
-            if record.state == "failed" and not record.error:
-                record.status_code = 422
-                record.error = json.dumps(
-                    {"detail": f"The request {money.status}.", "error_type": money.status}
-                )
-    return record
-
-
-class QueueRecords:
-    """Redis-backed records of the fal surface's queue requests."""
-
-    def __init__(self, redis: Any, ttl_s: int) -> None:
-        self.redis = redis
-        self.ttl_s = ttl_s  # as long as the money path remembers the request
-
-    async def create(self, key_id: str, request_id: str, endpoint: str, fal_id: str) -> None:
-        name = record_key(key_id, request_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(name, "endpoint", endpoint)
-            pipe.hset(name, mapping={"fal_request_id": fal_id})
-            pipe.hsetnx(name, "state", "submitted")
-            pipe.expire(name, self.ttl_s)
-            await pipe.execute()
-
-    async def finish(self, key_id: str, request_id: str, result: str) -> None:
-        """Completed (and settled): keep fal's output for the result route."""
-        await self._update(key_id, request_id, {"state": "completed", "result": result})
-
-    async def note_error(self, key_id: str, request_id: str, status: int, error: str) -> None:
-        """The error the request path ended with; the state stays for the money path."""
-        await self._update(key_id, request_id, {"status_code": str(status), "error": error})
-
-    async def _update(self, key_id: str, request_id: str, fields: dict[str, str]) -> None:
-        name = record_key(key_id, request_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(name, mapping=fields)
-            pipe.expire(name, self.ttl_s)
-            await pipe.execute()
-
-    async def get(self, key_id: str, owner_app_path: str, request_id: str) -> QueueRecord:
-        raw = await self.redis.hgetall(record_key(key_id, request_id))
-        if not raw:
-            raise NotFound("Request not found.")
-        record = QueueRecord.from_hash(request_id, {_s(k): _s(v) for k, v in raw.items()})
-        if owner_app(record.endpoint) != owner_app_path.strip("/"):
-            raise NotFound("Request not found.")
-        return record
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 # --- fal-shaped errors ------------------------------------------------------------------------
 
 
@@ -467,39 +361,130 @@ def fal_error(exc: FalgateError) -> tuple[int, dict[str, Any], dict[str, str]]:
     return status, body, {**exc.headers, "X-Fal-Error-Type": exc.type}
 
 
+# --- the queue: request records owned by the submitting key ---------------------------------
+
+
+def record_key(key_id: str, request_id: str) -> str:
+    """``{k:<key id>}:fal:<request id>``: in the key's own keyspace, so a request id is only
+    ever found by the key that submitted it (any other key gets a 404)."""
+    return f"{{k:{key_id}}}:fal:{request_id}"
+
+
+@dataclass
+class QueueRecord:
+    """A fal queue request: the fal endpoint it was submitted to and fal's id (this record),
+    and how the money path resolved it (its request record: ``GET /v1/requests/{id}``)."""
+
+    request_id: str
+    endpoint: str
+    fal_request_id: str
+    money: RequestRecord | None
+
+    @property
+    def status(self) -> str:
+        """``pending`` | ``unresolved`` | ``completed`` | ``failed`` | ``cancelled``."""
+        return self.money.status if self.money is not None else "pending"
+
+    @property
+    def final(self) -> bool:
+        return self.money is not None and self.money.resolved
+
+
+class QueueRecords:
+    """Redis-backed records of the fal surface's queue requests."""
+
+    def __init__(self, redis: Any, meter: Meter, ttl_s: int) -> None:
+        self.redis = redis
+        self.meter = meter
+        self.ttl_s = ttl_s  # as long as the money path remembers the request
+
+    async def create(self, key_id: str, request_id: str, endpoint: str, fal_id: str) -> None:
+        name = record_key(key_id, request_id)
+        with store_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(name, mapping={"endpoint": endpoint, "fal_request_id": fal_id})
+                pipe.expire(name, self.ttl_s)
+                await pipe.execute()
+
+    async def get(self, key_id: str, owner_app_path: str, request_id: str) -> QueueRecord:
+        """The key's queue request; a 404 for any other key's id (or another app's path)."""
+        with store_errors():
+            raw = await self.redis.hgetall(record_key(key_id, request_id))
+        fields = {_s(k): _s(v) for k, v in raw.items()}
+        endpoint = fields.get("endpoint", "")
+        if not endpoint or owner_app(endpoint) != owner_app_path.strip("/"):
+            raise NotFound("Request not found.")
+        money = await self.meter.request_record(key_id, request_id)
+        return QueueRecord(request_id, endpoint, fields.get("fal_request_id", ""), money)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 # --- the queue shape ---------------------------------------------------------------------------
 
 
+class QueueFollower:
+    """Watches the jobs this process submitted until the resolver has settled or released
+    them, so that a job is billed (and its status turns COMPLETED) as soon as fal finishes,
+    whether or not its client comes back. If this process dies, the resolver of any other
+    process does the same from the hold's lease; nothing here decides money."""
+
+    def __init__(self, path: service.MoneyPath, settings: Settings) -> None:
+        self.path = path
+        self.interval_s = settings.upstream_poll_interval_s
+        self.deadline_s = settings.upstream_request_timeout_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def follow(self, key_id: str, request_id: str) -> None:
+        task = asyncio.ensure_future(self._follow(key_id, request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resolve(self, key_id: str, request_id: str) -> None:
+        """Ask fal now (status, then result) and settle or release if it is done."""
+        await self.path.resolver.resolve_one(key_id, request_id, follow=True)
+
+    async def _follow(self, key_id: str, request_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.deadline_s
+        delay = min(0.02, self.interval_s)
+        while loop.time() < until:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.interval_s)
+            try:
+                await self.resolve(key_id, request_id)
+                record = await self.path.meter.request_record(key_id, request_id)
+            except FalgateError as exc:  # Redis or fal briefly away: the resolver backs us up
+                log.info("following %s: %s", request_id, exc.message)
+                continue
+            if record is None or record.resolved:
+                return
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 async def submit(
-    job: service.Job, key: ApiKey, request_id: str, path: service.MoneyPath, records: QueueRecords
+    job: service.Job,
+    key: ApiKey,
+    request_id: str,
+    path: service.MoneyPath,
+    records: QueueRecords,
+    follower: QueueFollower,
 ) -> service.Submitted:
-    """Admit and submit ``job``; return fal's request id as soon as fal accepted it.
-
-    The job then runs to its end detached, through the one money path
-    (:func:`app.generation.service.submit_detached`): billed from what fal produced whether or
-    not the client ever comes back. Its output (or error) is kept for the result route.
-    """
-
-    async def on_submitted(fal_request_id: str) -> None:
-        await records.create(key.id, request_id, job.call.endpoint, fal_request_id)
-
-    async def on_finished(outcome: service.Outcome | FalgateError) -> None:
-        try:
-            if isinstance(outcome, FalgateError):
-                # fal had accepted the job, so its hold waits for the resolver's reading of
-                # fal's answer: the request stays pending until then (``lookup``), and this
-                # error is what a failed request will say.
-                status, body, _ = fal_error(outcome)
-                await records.note_error(key.id, request_id, status, json.dumps(body))
-            else:
-                body = output_body(outcome)
-                await records.finish(key.id, request_id, json.dumps(body))
-        except Exception:
-            log.warning("could not keep the outcome of fal queue request %s", request_id)
-
-    return await service.submit_detached(
-        job, key, request_id, path, on_submitted=on_submitted, on_finished=on_finished
-    )
+    """Admit ``job`` and put it in fal's queue through the money path
+    (:func:`app.generation.service.submit`), which hands its hold to the resolver; returns at
+    once. The job is then followed until it is settled or released."""
+    submitted = await service.submit(job, key, request_id, path)
+    # The hold is the resolver's now; if this record cannot be written the client gets a 503
+    # and the job is billed all the same (its request record says how it ended).
+    await records.create(key.id, request_id, job.call.endpoint, submitted.upstream_request_id)
+    follower.follow(key.id, request_id)
+    return submitted
 
 
 # --- response bodies ----------------------------------------------------------------------------
@@ -549,8 +534,9 @@ def links(base_url: str, endpoint: str, request_id: str) -> dict[str, str]:
 
 
 def status_body(record: QueueRecord, base_url: str, with_logs: bool) -> tuple[int, dict[str, Any]]:
-    """202 while fal works on it, 200 once COMPLETED (a failed request is COMPLETED too, with
-    ``error``); ``logs`` is always present, as the Python client requires."""
+    """202 until the money path resolved the job, then 200 COMPLETED (a failed or cancelled
+    request is COMPLETED too, with ``error``); ``logs`` is always present, as the Python
+    client requires."""
     body: dict[str, Any] = {
         **links(base_url, record.endpoint, record.request_id),
         "logs": [] if with_logs else None,
@@ -558,42 +544,41 @@ def status_body(record: QueueRecord, base_url: str, with_logs: bool) -> tuple[in
     if not record.final:
         body["status"] = "IN_PROGRESS"
         return 202, body
-    body["status"] = "COMPLETED"
-    body["metrics"] = {}
-    if record.state == "failed":
-        error = json.loads(record.error) if record.error else {}
-        detail = error.get("detail")
-        body["error"] = detail if isinstance(detail, str) else json.dumps(detail)
-        body["error_type"] = error.get("error_type")
+    body.update(status="COMPLETED", metrics={})
+    if record.status != "completed":
+        body["error"] = f"The request {record.status} without a result."
+        body["error_type"] = record.status
     return 200, body
 
 
 async def result_body(record: QueueRecord, fal: FalClient) -> tuple[int, dict[str, Any]]:
-    """The model's output once completed, or the error it ended with (as fal answers)."""
-    if record.state == "completed":
-        if record.result:
-            return 200, json.loads(record.result)
+    """The model's output as fal returned it (rebuilt from the settled images if fal no longer
+    has it), or the error the request ended with."""
+    if not record.final:
+        return 400, {"detail": "Request is still in progress", "error_type": "in_progress"}
+    assert record.money is not None
+    if record.status != "completed":
+        detail = f"The request {record.status} without a result."
+        return 422, {"detail": detail, "error_type": record.status}
+    try:
         outcome = await fal.outcome(record.endpoint, record.fal_request_id)
-        if outcome.result is not None:
-            return 200, outcome.result.body
-        return 502, {"detail": "fal no longer has the result.", "error_type": "upstream_error"}
-    if record.state == "failed":
-        return record.status_code, json.loads(record.error or "{}")
-    return 400, {"detail": "Request is still in progress", "error_type": "request_in_progress"}
+    except FalgateError:
+        outcome = None
+    if outcome is not None and outcome.result is not None and outcome.result.body:
+        return 200, outcome.result.body
+    return 200, replayed_output(record.money)
 
 
-_CANCEL_CODES = {
-    "OK": 200,
-    "CANCELLATION_REQUESTED": 202,
-    "ALREADY_COMPLETED": 400,
-    "NOT_FOUND": 404,
-}
+_CANCEL_CODES = {"OK": 200, "CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400}
 
 
-async def cancel(record: QueueRecord, fal: FalClient) -> tuple[int, str]:
-    """Ask fal to cancel; the job's hold is then released or settled from fal's answer by the
-    money path that watches the job (released if fal cancels it, settled if it completed)."""
+async def cancel(
+    record: QueueRecord, key_id: str, fal: FalClient, follower: QueueFollower
+) -> tuple[int, str]:
+    """Ask fal to cancel. The hold is then released or settled from fal's answer by the
+    resolver (released if fal cancelled it without output, settled if it completed)."""
     if record.final:
         return 400, "ALREADY_COMPLETED"
     answer = await fal.cancel(record.endpoint, record.fal_request_id)
-    return _CANCEL_CODES.get(answer, 202), answer
+    await follower.resolve(key_id, record.request_id)
+    return _CANCEL_CODES.get(answer, 404), answer

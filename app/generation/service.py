@@ -9,9 +9,10 @@ settle the hold to the real cost of what fal returned, or release it on any fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +31,13 @@ from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
 from app.metering.lua import ScriptCall, run_together
 from app.metering.meter import Admission, AdmitRequest, Meter, Settlement
+from app.metering.sweeper import Sweeper
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.settings import Settings
 from app.upstream.client import FalClient
-from app.upstream.types import GeneratedImage, OnSubmitted, UpstreamCall, UpstreamResult
+from app.upstream.types import GeneratedImage, UpstreamCall, UpstreamResult
 
 GENERATE, TRANSFORM, UPSCALE = "generate", "transform", "upscale"
 SETTLE_RETRY_S = 10.0
@@ -233,6 +235,16 @@ class MoneyPath:
     inflight: InflightTracker
     leases: LeaseKeeper
     deferred: DeferredWrites
+    resolver: Sweeper
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A job in fal's queue, handed to the resolver: settled when fal finishes it."""
+
+    request_id: str
+    upstream_request_id: str
+    admission: Admission
 
 
 def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
@@ -247,101 +259,41 @@ def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
     return accepted
 
 
-async def execute(
-    job: Job,
-    key: ApiKey,
-    request_id: str,
-    path: MoneyPath,
-    *,
-    on_submitted: OnAccepted | None = None,
-) -> Outcome:
+async def submit(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Submitted:
+    """Admit a job and put it in fal's queue, then return at once (fal's own queue API).
+
+    The same admission as :func:`execute`; once fal accepted the job its hold is handed to
+    the resolver, which settles it when fal finishes, whether or not the client ever asks for
+    the result (and releases it if fal cancels or fails it without output).
+    """
+    with path.inflight.track():
+        async with _admitted(job, key, request_id, path) as admission:
+            try:
+                fal_request_id = await path.fal.submit(job.call)
+            except BaseException as exc:
+                reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+                await path.inflight.shield(_release_all(path, admission, reason))
+                raise
+            calls = (
+                path.gate.release_call(request_id),
+                path.meter.detached_call(admission, fal_request_id),
+            )
+            try:
+                await path.inflight.shield(run_together(path.meter.redis, *calls))
+            except Unavailable:
+                path.deferred.later(*calls)
+        return Submitted(request_id, fal_request_id, admission)
+
+
+async def execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
     """Admit, forward and settle one job.
 
     Before fal accepted the job every failure releases the hold; after, the hold is settled
     to what fal produced, or marked ``unresolved`` for the resolver to settle or release from
-    fal's answer (SPEC section 10). ``on_submitted`` is told fal's request id (and the
-    admission) once it is recorded on the hold (queue protocol only); if it raises, fal is
-    told to cancel.
+    fal's answer (SPEC section 10).
     """
     with path.inflight.track():
-        return await _execute(job, key, request_id, path, on_submitted)
-
-
-async def submit_detached(
-    job: Job,
-    key: ApiKey,
-    request_id: str,
-    path: MoneyPath,
-    *,
-    on_submitted: OnSubmitted,
-    on_finished: Callable[[Outcome | FalgateError], Awaitable[None]],
-) -> Submitted:
-    """Admit ``job`` and submit it to fal, returning fal's request id as soon as fal accepted
-    it (fal's queue shape); every refusal or failure before that is raised here.
-
-    The job then runs to its end detached from the caller, through :func:`execute`: the hold
-    is settled to what fal produced or released from fal's answer, whether or not anyone asks
-    for the result (and by the resolver if this process dies). ``on_submitted`` runs before
-    this returns; ``on_finished`` gets the outcome or the error the job ended with.
-    """
-    accepted: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
-
-    async def submitted(fal_request_id: str, admission: Admission) -> None:
-        await on_submitted(fal_request_id)
-        if not accepted.done():
-            accepted.set_result(Submitted(fal_request_id, admission.remaining, admission.headers))
-
-    async def run_to_the_end() -> None:
-        try:
-            outcome = await execute(job, key, request_id, path, on_submitted=submitted)
-        except FalgateError as exc:
-            if not accepted.done():
-                accepted.set_exception(exc)
-                return
-            await on_finished(exc)
-            return
-        except Exception as exc:  # e.g. on_submitted could not record fal's id
-            if not accepted.done():
-                accepted.set_exception(exc)
-            else:
-                log.exception("detached job %s failed", request_id)
-            return
-        if not accepted.done():  # fal's sync protocol: its id only comes with the result
-            fal_request_id = outcome.upstream_request_id or ""
-            try:
-                await on_submitted(fal_request_id)
-                await on_finished(outcome)
-            except Exception as exc:  # settled all the same; the caller learns of it
-                accepted.set_exception(exc)
-                return
-            accepted.set_result(Submitted(fal_request_id, outcome.remaining, outcome.headers))
-            return
-        await on_finished(outcome)
-
-    task = asyncio.ensure_future(run_to_the_end())
-    _DETACHED.add(task)
-    task.add_done_callback(_DETACHED.discard)
-    try:
-        return await asyncio.shield(accepted)
-    except asyncio.CancelledError:
-        if not accepted.done():
-            task.cancel()  # the caller left before fal took the job: nothing runs or bills
-        raise
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A detached job fal accepted: fal's id, and the admission's budget and limit headers."""
-
-    fal_request_id: str
-    remaining: int | None
-    headers: dict[str, str]
-
-
-OnAccepted = Callable[[str, Admission], Awaitable[None]]
-
-#: Detached jobs still running (a reference keeps each task alive until it ends).
-_DETACHED: set[asyncio.Task[None]] = set()
+        return await _execute(job, key, request_id, path)
 
 
 def _admit_request(job: Job, key: ApiKey, request_id: str) -> AdmitRequest:
@@ -456,11 +408,15 @@ async def _settle_and_free(
             delay = min(delay * 2, 1.0)
 
 
-async def _execute(
-    job: Job, key: ApiKey, request_id: str, path: MoneyPath, on_submitted: OnAccepted | None
-) -> Outcome:
-    request = _admit_request(job, key, request_id)
-    admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
+@contextlib.asynccontextmanager
+async def _admitted(
+    job: Job, key: ApiKey, request_id: str, path: MoneyPath
+) -> AsyncIterator[Admission]:
+    """Admitted, with an upstream slot, the hold's lease renewed while the block runs; a
+    failure before the block (refusal, no slot in time) leaves nothing held."""
+    admitting = asyncio.ensure_future(
+        _admit_and_reserve(_admit_request(job, key, request_id), path)
+    )
     try:
         admission, granted = await path.inflight.shield(admitting)
     except asyncio.CancelledError:
@@ -475,12 +431,15 @@ async def _execute(
             except BaseException:
                 await path.inflight.shield(_release_all(path, admission, "failed"))
                 raise
-        return await _forward(job, admission, path, on_submitted)
+        yield admission
 
 
-async def _forward(
-    job: Job, admission: Admission, path: MoneyPath, then: OnAccepted | None
-) -> Outcome:
+async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+    async with _admitted(job, key, request_id, path) as admission:
+        return await _forward(job, admission, path)
+
+
+async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
     request_id = admission.request_id
     accepted: list[str] = []  # fal's request id, once fal accepted the job
 
@@ -498,8 +457,6 @@ async def _forward(
             # job): nothing could bill the job, so the fal client cancels it.
             accepted.clear()
             raise UpstreamError("The request's hold expired before fal accepted it.")
-        if then is not None:
-            await then(fal_request_id, admission)
 
     try:
         result: UpstreamResult = await path.fal.run(job.call, on_submitted=on_submitted)

@@ -39,6 +39,7 @@ from app.upstream.types import OutcomeState, UpstreamOutcome
 log = logging.getLogger("falgate.sweeper")
 
 _BATCH = 200
+_FOLLOW_CLAIM_MS = 250  # resolve_one(follow=True): how long its claim keeps others away
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -53,7 +54,6 @@ class SweepReport:
     settled: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
-    slots_freed: int = 0
 
 
 class Sweeper:
@@ -68,8 +68,9 @@ class Sweeper:
         self.upstream = upstream
         self.meter = Meter(redis, settings, process_id)
         self.lease_ms = max(1000, int(settings.process_lease_s * 1000))
-        # How long a claim lasts: the time one resolver has to ask fal before another may.
-        self.claim_ms = max(1000, int(settings.sweeper_interval_s * 2000))
+        # How long a claim lasts: the time one resolver has to ask fal before another may, and
+        # so how soon a job fal is still working on is asked about again (about every sweep).
+        self.claim_ms = max(1000, int(settings.sweeper_interval_s * 1000))
         self._claim = LuaScript(redis, __package__, "claim.lua", prelude=("clock.lua",))
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -152,11 +153,29 @@ class Sweeper:
             for request_id in due:
                 await self._resolve(key_id, text(request_id), report)
 
-    async def _resolve(self, key_id: str, request_id: str, report: SweepReport) -> None:
+    async def resolve_one(
+        self, key_id: str, request_id: str, *, follow: bool = False
+    ) -> SweepReport:
+        """Resolve one hold now if it is due (e.g. its client just asked fal's queue API for
+        the result, or cancelled it), instead of waiting for the next sweep.
+
+        ``follow``: for a job handed to the resolver (fal's queue API) that someone is
+        watching, ask fal even if another resolver's claim on it has not run out yet, and
+        claim it only briefly: a still-pending job is looked at again on the next call, not a
+        whole claim later. Resolving stays exactly-once (resolve.lua).
+        """
+        report = SweepReport()
+        await self._resolve(key_id, request_id, report, follow=follow)
+        return report
+
+    async def _resolve(
+        self, key_id: str, request_id: str, report: SweepReport, *, follow: bool = False
+    ) -> None:
+        claim: list[str | int | float] = (
+            [request_id, _FOLLOW_CLAIM_MS, 1] if follow else [request_id, self.claim_ms, 0]
+        )
         with store_errors():
-            raw = await self._claim(
-                [keyspace.holds(key_id), keyspace.leases(key_id)], [request_id, self.claim_ms]
-            )
+            raw = await self._claim([keyspace.holds(key_id), keyspace.leases(key_id)], claim)
         if not raw:
             return
         hold = json.loads(text(raw))
@@ -193,7 +212,11 @@ class Sweeper:
                 report.settled.append(request_id)
             return
         released = await self.meter.resolve_hold(
-            key_id, request_id, settle=False, reason=f"resolved_{outcome.state.value}"
+            key_id,
+            request_id,
+            settle=False,
+            reason=f"resolved_{outcome.state.value}",
+            outcome="cancelled" if outcome.state is OutcomeState.CANCELLED else "failed",
         )
         if not released.already_resolved:
             report.released.append(request_id)

@@ -375,9 +375,9 @@ def test_queue_answers_wait_for_nothing(tls_gateway: TlsGateway, fal_sandbox: Sa
 def test_a_result_fal_failed_to_hand_over_is_still_billed_and_served(
     tls_gateway: TlsGateway, fal_sandbox: Sandbox
 ) -> None:
-    """fal made the images but answered 500 to every result fetch of the request path: the
-    request stays pending until the resolver has fal's answer, then completes and is billed;
-    the client never sees a failure for work it is charged for."""
+    """fal made the images but answered 500 to the first result fetches: the request stays
+    pending until the resolver has fal's answer, then completes and is billed; the client
+    never sees a failure for work it is charged for."""
     fal_sandbox.configure(
         faults=[{"kind": "error", "scope": "result", "status_code": 500, "count": 4}]
     )
@@ -401,7 +401,7 @@ def test_a_result_fal_failed_to_hand_over_is_still_billed_and_served(
     (settle,) = assert_billed_as_produced(tls_gateway, key_id, key)
     assert settle["request_id"] == out["id"]
     (rule,) = httpx.get(f"{fal_sandbox.url}/_sandbox/config", timeout=5).json()["faults"]
-    assert rule["hits"] == 4  # every result fetch of the request path failed
+    assert rule["hits"] == 4  # the fault was met
 
 
 def test_idempotent_submit_is_one_job(tls_gateway: TlsGateway, fal_sandbox: Sandbox) -> None:

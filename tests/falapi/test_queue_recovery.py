@@ -45,24 +45,28 @@ def test_a_dead_gateways_queue_job_is_settled_and_served(
     assert settle["amount_micro"] == -(-produced["pixels"] * unit_price(settle) // 1_000_000)
 
 
-def test_queue_shape_over_fals_sync_protocol(
+def test_fals_queue_api_uses_fals_queue_in_sync_mode(
     gateways: GatewayFactory, clean_sandbox: Sandbox
 ) -> None:
-    """With ``FALGATE_UPSTREAM_MODE=sync`` fal's id only comes with the result: the submit
-    answers once the job is done, and status/result work as usual."""
+    """``FALGATE_UPSTREAM_MODE=sync`` is about ``/v1``; fal's queue API is forwarded to
+    fal's queue (so fal's id is known at once) and works as usual."""
     gateway = gateways.start(FALGATE_UPSTREAM_MODE="sync")
     key_id, key = gateway.create_key(name="sync-queue")
     with gateway.client(key) as client:
         submitted = client.post("/fal/queue/fal-ai/flux/schnell", json={"prompt": "x"})
         assert submitted.status_code == 200, submitted.text
-        status = client.get(submitted.json()["status_url"].replace(gateway.url, ""))
+        for _ in range(300):
+            status = client.get(submitted.json()["status_url"].replace(gateway.url, ""))
+            if status.status_code == 200:
+                break
+            time.sleep(0.05)
         result = client.get(submitted.json()["response_url"].replace(gateway.url, ""))
         with gateway.admin() as admin:
             ledger = admin.get("/admin/ledger", params={"key_id": key_id}).text.splitlines()
     assert status.status_code == 200 and status.json()["status"] == "COMPLETED"
     assert result.status_code == 200
     (produced,) = clean_sandbox.requests()
-    assert produced["protocol"] == "sync"
+    assert produced["protocol"] == "queue"
     assert result.json()["images"][0]["url"] == produced["images"][0]["url"]
     (settle,) = [e for e in map(json.loads, ledger) if e["event"] == "settle"]
     assert settle["amount_micro"] == -(-produced["pixels"] * unit_price(settle) // 1_000_000)
