@@ -459,6 +459,9 @@ class QueueFollower:
             except FalgateError as exc:  # Redis or fal briefly away: the resolver backs us up
                 log.info("following %s: %s", request_id, exc.message)
                 continue
+            except Exception:
+                log.exception("stopped following %s (the resolver settles it)", request_id)
+                return
             if record is None or record.resolved:
                 return
 
