@@ -70,3 +70,14 @@ def test_fals_queue_api_uses_fals_queue_in_sync_mode(
     assert result.json()["images"][0]["url"] == produced["images"][0]["url"]
     (settle,) = [e for e in map(json.loads, ledger) if e["event"] == "settle"]
     assert settle["amount_micro"] == -(-produced["pixels"] * unit_price(settle) // 1_000_000)
+
+
+def test_queue_urls_use_the_public_url(gateways: GatewayFactory, clean_sandbox: Sandbox) -> None:
+    """Behind a TLS terminator the URLs handed out name where clients reach falgate."""
+    gateway = gateways.start(FALGATE_PUBLIC_URL="https://falgate.example.com/")
+    _, key = gateway.create_key(name="public-url")
+    with gateway.client(key) as client:
+        submitted = client.post("/fal/queue/fal-ai/flux/dev", json={"prompt": "x"}).json()
+    base = "https://falgate.example.com/fal/queue/fal-ai/flux/requests/"
+    assert submitted["status_url"] == f"{base}{submitted['request_id']}/status"
+    assert submitted["response_url"] == f"{base}{submitted['request_id']}"
