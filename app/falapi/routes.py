@@ -27,7 +27,7 @@ from app.falapi.schemas import (
     fal_error_responses,
 )
 from app.generation import service as generation
-from app.generation.routes import _execute, _metered
+from app.generation.routes import execute_metered, metered_response
 from app.keys.service import ApiKey
 from app.metering.http import idempotent
 from app.metering.meter import RequestRecord
@@ -132,8 +132,8 @@ async def _plan(
 async def _run(request: Request, key: ApiKey, model_id: str, query: Mapping[str, str]) -> Response:
     async def handle() -> Response:
         job = await _plan(request, key, model_id, query)
-        outcome = await _execute(request, key, job)
-        response = _metered(request, outcome, service.output_body(outcome))
+        outcome = await execute_metered(request, key, job)
+        response = metered_response(request, outcome, service.output_body(outcome))
         response.headers["x-fal-request-id"] = request_id_of(request)
         return response
 
