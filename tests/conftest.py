@@ -172,10 +172,13 @@ def clean_sandbox(sandbox: Sandbox) -> Iterator[Sandbox]:
 
 
 class GatewayFactory:
-    def __init__(self, tmp: Path, redis_url: str, sandbox: Sandbox) -> None:
+    def __init__(
+        self, tmp: Path, redis_url: str, sandbox: Sandbox, ledger_url: str | None = None
+    ) -> None:
         self.tmp = tmp
         self.redis_url = redis_url
         self.sandbox = sandbox
+        self.ledger_url = ledger_url or f"sqlite:///{tmp / 'ledger.sqlite3'}"
         self.started: list[Gateway] = []
 
     def start(self, **env: str) -> Gateway:
@@ -198,7 +201,7 @@ class GatewayFactory:
             "FALGATE_DEFAULT_RPM": "100000",
             "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
             # Every gateway on one Redis shares one ledger archive, as in production.
-            "FALGATE_LEDGER_DATABASE_URL": f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
+            "FALGATE_LEDGER_DATABASE_URL": self.ledger_url,
         }
         for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
             full_env.pop(name, None)
@@ -223,10 +226,22 @@ class GatewayFactory:
 
 
 @pytest.fixture(scope="session")
+def ledger_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The ledger archive every gateway on the session's Redis shares (as in production: one
+    Redis is drained into one archive)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite3'}"
+
+
+@pytest.fixture(scope="session")
 def gateways(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, sandbox: Sandbox
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
+    sandbox: Sandbox,
+    ledger_database_url: str,
 ) -> Iterator[GatewayFactory]:
-    factory = GatewayFactory(tmp_path_factory.mktemp("gateways"), redis_url, sandbox)
+    factory = GatewayFactory(
+        tmp_path_factory.mktemp("gateways"), redis_url, sandbox, ledger_database_url
+    )
     yield factory
     factory.stop_all()
 

@@ -156,7 +156,10 @@ def assert_billed_as_produced(gateway: TlsGateway, key_id: str, key: str) -> lis
 
 @pytest.fixture(scope="session")
 def tls_gateway(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, sandbox: Sandbox
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str,
+    sandbox: Sandbox,
+    ledger_database_url: str,
 ) -> Iterator[TlsGateway]:
     """``falgate serve`` with ``FALGATE_TLS_SELF_SIGNED=true``: the CA it prints is trusted."""
     data_dir = tmp_path_factory.mktemp("falapi-gateway")
@@ -167,6 +170,7 @@ def tls_gateway(
         "FALGATE_HOST": "127.0.0.1",
         "FALGATE_DATA_DIR": str(data_dir),
         "FALGATE_REDIS_URL": redis_url,
+        "FALGATE_LEDGER_DATABASE_URL": ledger_database_url,  # the one archive of this Redis
         "FALGATE_SANDBOX_URL": sandbox.url,
         "FALGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         "FALGATE_TLS_SELF_SIGNED": "true",
