@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("falgate.errors")
 
@@ -119,6 +120,21 @@ class UpstreamTimeout(FalgateError):
     type = "upstream_timeout"
 
 
+def _error_types() -> tuple[str, ...]:
+    """Every ``type`` the envelope can carry, from the hierarchy above."""
+    seen: list[str] = []
+    pending: list[type[FalgateError]] = [FalgateError]
+    while pending:
+        cls = pending.pop(0)
+        if cls.type not in seen:
+            seen.append(cls.type)
+        pending.extend(cls.__subclasses__())
+    return tuple(seen)
+
+
+ERROR_TYPES = _error_types()
+
+
 def request_id_of(request: Request) -> str:
     """The id the request-id middleware gave this request (or a fresh one)."""
     rid = getattr(request.state, "request_id", None)
@@ -159,8 +175,9 @@ def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
     pydantic names the union member it tried in the location (a class name or a tag such as
     ``literal['a','b']``); those are not fields.
     """
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else []
-    if not parts and loc and loc[0] not in ("body", "query", "path", "header"):
+    sources = ("body", "query", "path", "header", "cookie")
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in sources else []
+    if not parts and loc and loc[0] not in sources:
         parts = [str(p) for p in loc]
     fields = [p for p in parts if not (p[:1].isupper() or "[" in p or p.startswith("function-"))]
     return ".".join(fields) or None
@@ -199,6 +216,25 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for '{field}': {msg}.", param=field)
 
 
+def _leaf_routes(routes: list[Any]) -> list[Any]:
+    """The app's routes, with those of included routers in place of the routers."""
+    leaves: list[Any] = []
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI's included-router node
+        leaves += _leaf_routes(included.routes) if included is not None else [route]
+    return leaves
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path takes (the router names only the first route's)."""
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def add_exception_handlers(app: FastAPI) -> None:
     """Every error leaves the gateway in the same envelope; nothing leaks a stack trace."""
 
@@ -216,7 +252,11 @@ def add_exception_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             mapped = NotFound("No such route.")
         elif exc.status_code == 405:
-            mapped = InvalidRequest("Method not allowed on this route.")
+            allow = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+            mapped = InvalidRequest(
+                f"Method {request.method} is not allowed on this route; it takes {allow}.",
+                headers={"Allow": allow},
+            )
             mapped.status_code = 405
         else:
             mapped = FalgateError(str(exc.detail))

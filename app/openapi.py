@@ -1,0 +1,80 @@
+"""The OpenAPI document as the contract: FastAPI's, corrected to what the server really does.
+
+Routes declare what is particular to them (their body, their business errors, their headers);
+what every route of a kind can answer is added here once, so no route can forget it:
+
+- every response carries ``X-Request-Id``;
+- every ``/v1`` and ``/admin`` operation can answer 400 (a malformed header, parameter or body),
+  401 (no or a wrong key/token) and 503 (the state store is unreachable while authenticating);
+- every operation that takes a body can answer 413 (the body limit is checked before routing);
+- FastAPI's 422 is never sent (validation errors are our 400s), so it is removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app.schemas import REQUEST_ID, error_responses
+
+_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+_GUARDED = ("/v1/", "/admin/")
+_TEXT = {"schema": {"type": "string"}}
+
+
+def _error_entry(code: int) -> dict[str, Any]:
+    """One ``error_responses`` entry as it appears in the document (a ``$ref`` to the envelope)."""
+    entry = dict(error_responses(code)[code])
+    entry.pop("model")
+    content = entry["content"]["application/json"]
+    entry["content"] = {
+        "application/json": {
+            **content,
+            "schema": {"$ref": "#/components/schemas/ErrorEnvelope"},
+        }
+    }
+    return entry
+
+
+def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    responses.pop("422", None)
+    codes: list[int] = []
+    if path.startswith(_GUARDED):
+        codes += [400, 401, 503]
+    if "requestBody" in operation:
+        codes.append(413)
+    for code in codes:
+        responses.setdefault(str(code), _error_entry(code))
+    for response in responses.values():
+        headers = response.setdefault("headers", {})
+        for name, spec in REQUEST_ID.items():
+            headers.setdefault(name, spec)
+    operation["responses"] = dict(sorted(responses.items()))
+
+
+def contract_document(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document, built once."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            if method in _METHODS and isinstance(operation, dict):
+                _complete(path, method, operation)
+    metrics = schema.get("paths", {}).get("/metrics", {}).get("get")
+    if metrics is not None:
+        metrics["responses"]["200"]["content"] = {"text/plain": _TEXT}
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    app.openapi_schema = schema
+    return schema
