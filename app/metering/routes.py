@@ -113,6 +113,7 @@ async def get_usage_report(
 @admin_router.get(
     "/ledger",
     operation_id="exportLedger",
+    response_class=StreamingResponse,  # not JSON: the document lists the two real media types
     responses={
         200: {
             "description": "Ledger entries in time order, as JSON lines or CSV.",
