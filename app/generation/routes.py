@@ -25,6 +25,7 @@ from app.generation.schemas import (
 )
 from app.metering.http import idempotent
 from app.metering.idempotency import KEY_PATTERN, MAX_KEY_LENGTH
+from app.metering.meter import RequestRecord
 from app.money import display_price, format_usd
 from app.schemas import METERED, error_responses
 
@@ -105,15 +106,7 @@ async def _execute(request: Request, key: Any, job: service.Job) -> service.Outc
     request.state.prompt = job.prompt
     outcome = await _until_disconnect(
         request,
-        service.execute(
-            job,
-            key,
-            request_id_of(request),
-            meter=state.meter,
-            gate=state.gate,
-            fal=state.fal,
-            inflight=state.inflight,
-        ),
+        service.execute(job, key, request_id_of(request), state.money),
     )
     request.state.cost_micro = outcome.charged
     request.state.upstream_request_id = outcome.upstream_request_id
@@ -150,6 +143,25 @@ def _generated(request: Request, outcome: service.Outcome) -> JSONResponse:
         "cost": _cost(outcome),
     }
     return _metered(request, outcome, body)
+
+
+def _replay(record: RequestRecord) -> JSONResponse:
+    """The response of a first attempt that completed, rebuilt from its request record (for
+    an ``Idempotency-Key`` retry whose first response was never stored)."""
+    images = [_image_json(img) for img in record.images or []]
+    cost = {
+        "amount_usd": format_usd(record.charged or 0),
+        "megapixels": (record.pixels or 0) / 1_000_000,
+    }
+    body: dict[str, Any]
+    if record.operation == service.UPSCALE:
+        body = {"image": images[0] if images else None, "cost": cost}
+    else:
+        body = {"images": images, "seed": record.seed, "prompt": record.prompt, "cost": cost}
+    headers = {"X-Request-Id": record.request_id, "X-Cost-USD": format_usd(record.charged or 0)}
+    if record.remaining is not None and record.remaining >= 0:
+        headers["X-Budget-Remaining-USD"] = format_usd(record.remaining)
+    return JSONResponse(body, headers=headers)
 
 
 GenerateBody = Annotated[GenerateRequest, Body()]
@@ -190,7 +202,7 @@ async def run(
         job = service.plan_generate(catalog, settings, key, model_id, body)
         return _generated(request, await _execute(request, key, job))
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)
 
 
 @_price_route("/generate/price", "priceGenerate", "Price a text-to-image request")
@@ -214,7 +226,7 @@ async def generate(
         job = service.plan_generate(catalog, settings, key, body.model or DEFAULT_MODEL, body)
         return _generated(request, await _execute(request, key, job))
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)
 
 
 @_price_route("/transform/price", "priceTransform", "Price an image-to-image request")
@@ -241,7 +253,7 @@ async def transform(
         await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
         return _generated(request, await _execute(request, key, job))
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)
 
 
 @_price_route(
@@ -275,4 +287,4 @@ async def upscale(
         image = _image_json(outcome.images[0])
         return _metered(request, outcome, {"image": image, "cost": _cost(outcome)})
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)

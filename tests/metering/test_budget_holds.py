@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from app.errors import BudgetExceeded, Unauthorized
+from app.errors import BudgetExceeded, Unauthorized, Unavailable
 from app.metering import Meter
+from app.metering.periods import PeriodStarts
+from app.settings import Settings
 
 
 async def admit(meter: Meter, key_id: str, request_id: str, amount: int, price: Any) -> Any:
@@ -159,11 +162,80 @@ async def test_unlimited_key_has_no_remaining(meter: Meter, make_key: Any, price
     assert usage["spent_usd"] == "0.000005"
 
 
-async def test_admit_retried_with_the_same_request_id_holds_once(
+async def test_a_request_id_is_admitted_once_and_never_after_its_release(
     meter: Meter, make_key: Any, price: Any
 ) -> None:
     await make_key("key_a", budget_micro=100_000)
-    await admit(meter, "key_a", "req_1", 30_000, price)
-    again = await admit(meter, "key_a", "req_1", 30_000, price)
-    assert again.remaining == 70_000
+    first = await admit(meter, "key_a", "req_1", 30_000, price)
+    with pytest.raises(Unavailable):
+        await admit(meter, "key_a", "req_1", 30_000, price)
     assert (await meter.usage("key_a"))["held_usd"] == "0.030000"
+    await meter.release(first, "failed")
+    with pytest.raises(Unavailable):
+        await admit(meter, "key_a", "req_1", 30_000, price)
+    assert (await meter.usage("key_a"))["held_usd"] == "0.000000"
+
+
+async def test_a_release_that_overtakes_its_admission_leaves_a_tombstone(
+    meter: Meter, make_key: Any, price: Any
+) -> None:
+    """The gateway lost an admission's reply and released the id before the script ran: the
+    late admission is refused, so the client's '503 nothing was charged' stays true."""
+    await make_key("key_a", budget_micro=100_000)
+    await meter.resolve_hold("key_a", "req_lost", settle=False, reason="admission_lost")
+    with pytest.raises(Unavailable):
+        await admit(meter, "key_a", "req_lost", 30_000, price)
+    usage = await meter.usage("key_a")
+    assert (usage["held_usd"], usage["in_flight"]) == ("0.000000", 0)
+
+
+async def test_a_repeated_settle_reports_the_recorded_cost(
+    meter: Meter, make_key: Any, price: Any
+) -> None:
+    await make_key("key_a", budget_micro=100_000)
+    admission = await admit(meter, "key_a", "req_1", 30_000, price)
+    first = await meter.settle(admission, price(12_345))
+    again = await meter.settle(admission, price(20_000))
+    assert (first.charged, first.already_resolved) == (12_345, False)
+    assert (again.charged, again.released, again.already_resolved) == (12_345, 17_655, True)
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "2024-02-29T23:59:59",  # a leap day, the last second of it
+        "2024-03-01T00:00:00",
+        "2025-12-31T23:59:59",
+        "2026-01-01T00:00:00",
+        "2100-02-28T12:00:00",  # not a leap year
+        "2000-02-29T06:00:00",  # a leap year although a century
+        "2026-12-01T21:00:00",
+    ],
+)
+async def test_periods_come_from_the_scripts_own_calendar(
+    r: Any, settings: Settings, make_key: Any, price: Any, moment: str
+) -> None:
+    """The day and month a charge counts against are computed inside the script from the
+    (Redis) clock, and agree with the UTC calendar at every boundary."""
+    at = datetime.fromisoformat(moment).replace(tzinfo=UTC).timestamp()
+    meter = Meter(r, settings, "proc_clock", clock=lambda: at)
+    await make_key("key_a", budget_micro=100_000, period="daily")
+    await meter.settle(await admit(meter, "key_a", "req_1", 1_000, price), price(1_000))
+    starts = PeriodStarts.at(at)
+    counters = await r.hgetall("{k:key_a}:budget")
+    assert counters[f"d:{starts.day}"] == counters[f"m:{starts.month}"] == "1000"
+    assert (await meter.usage("key_a"))["spent_usd"] == "0.001000"
+
+
+async def test_a_key_stored_without_a_period_is_enforced_as_shown_monthly(
+    r: Any, settings: Settings, make_key: Any, price: Any
+) -> None:
+    now = [datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp()]
+    meter = Meter(r, settings, "proc_clock", clock=lambda: now[0])
+    await make_key("key_a", budget_micro=10_000, period="")
+    assert (await meter.usage("key_a"))["period"] == "monthly"
+    await meter.settle(await admit(meter, "key_a", "req_1", 10_000, price), price(10_000))
+    with pytest.raises(BudgetExceeded):
+        await admit(meter, "key_a", "req_2", 1, price)
+    now[0] = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC).timestamp()  # a new month
+    assert (await admit(meter, "key_a", "req_3", 10_000, price)).remaining == 0
