@@ -3,9 +3,12 @@
 Routes declare what is particular to them (their body, their business errors, their headers);
 what every route of a kind can answer is added here once, so no route can forget it:
 
-- every response carries ``X-Request-Id``;
-- every ``/v1`` and ``/admin`` operation can answer 400 (a malformed header, parameter or body),
-  401 (no or a wrong key/token) and 503 (the state store is unreachable while authenticating);
+- every operation takes an optional ``X-Request-Id`` header (the client's own correlation id,
+  checked by the request-context middleware before routing: 400 when malformed) and every
+  response carries the gateway's ``X-Request-Id`` and echoes the client's as
+  ``X-Client-Request-Id``;
+- every operation can answer 400 (that header); every ``/v1`` and ``/admin`` operation also 401
+  (no or a wrong key/token) and 503 (the state store is unreachable while authenticating);
 - every operation that takes a body can answer 413 (the body limit is checked before routing);
 - FastAPI's 422 is never sent (validation errors are our 400s), so it is removed.
 """
@@ -17,11 +20,32 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.schemas import REQUEST_ID, error_responses
+from app.ops.logging import CLIENT_REQUEST_ID_HEADER
+from app.schemas import REQUEST_ID, error_responses, header
 
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _GUARDED = ("/v1/", "/admin/")
 _TEXT = {"schema": {"type": "string"}}
+# The middleware's rule (1..128 printable ASCII); HTTP strips spaces at either end.
+_CLIENT_ID_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 128,
+    "pattern": "^[\\x21-\\x7E](?:[\\x20-\\x7E]*[\\x21-\\x7E])?$",
+}
+_CLIENT_ID_PARAMETER = {
+    "name": "X-Request-Id",
+    "in": "header",
+    "required": False,
+    "description": "Your own id for this request: logged and echoed as X-Client-Request-Id, "
+    "never used as an id of the gateway's state.",
+    "schema": _CLIENT_ID_SCHEMA,
+}
+_ECHO = {
+    CLIENT_REQUEST_ID_HEADER: header(
+        "The X-Request-Id the client sent, when it sent one.", _CLIENT_ID_SCHEMA
+    )
+}
 
 
 def _error_entry(code: int) -> dict[str, Any]:
@@ -41,16 +65,19 @@ def _error_entry(code: int) -> dict[str, Any]:
 def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
     responses.pop("422", None)
-    codes: list[int] = []
+    parameters: list[dict[str, Any]] = operation.setdefault("parameters", [])
+    if not any(p.get("name") == "X-Request-Id" and p.get("in") == "header" for p in parameters):
+        parameters.append(_CLIENT_ID_PARAMETER)
+    codes = [400]
     if path.startswith(_GUARDED):
-        codes += [400, 401, 503]
+        codes += [401, 503]
     if "requestBody" in operation:
         codes.append(413)
     for code in codes:
         responses.setdefault(str(code), _error_entry(code))
     for response in responses.values():
         headers = response.setdefault("headers", {})
-        for name, spec in REQUEST_ID.items():
+        for name, spec in {**REQUEST_ID, **_ECHO}.items():
             headers.setdefault(name, spec)
     operation["responses"] = dict(sorted(responses.items()))
 

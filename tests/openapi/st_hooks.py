@@ -13,7 +13,8 @@ described in the document (the field descriptions, /v1/models):
 - ``num_inference_steps``: 1..100 (in the schema) *and* within the model's own limit from the
   catalog (depends on the value of another field or the path).
 - ``model`` in the body of ``/v1/run/{model_id}`` must name the path's model; a transform's
-  model must be one that has an image-to-image endpoint (the catalog says which).
+  model must be one that has an image-to-image endpoint, an upscale's one of the upscalers
+  (the catalog says which).
 - ``models`` of a key must be catalog ids or aliases (the catalog is configuration).
 - ``expires_at`` of a key must lie in the future (depends on the clock).
 - fal's image-to-image endpoints take ``strength`` from 0.01 (the sandbox enforces fal's
@@ -87,9 +88,15 @@ def _fit_generation(body: dict[str, Any], model: Any, path: str) -> None:
     url = body.get("image_url")
     if isinstance(url, str) and re.match(IMAGE_URL_PATTERN, url):
         body["image_url"] = _IMAGE
-    entry = _entry(body.get("model"))
-    if path.startswith("/v1/transform") and entry is not None and not entry.image_to_image:
-        body["model"] = "fal-ai/flux/dev"
+    named = body.get("model")
+    entry = _entry(named)
+    if path.startswith("/v1/transform"):
+        if (entry is not None and not entry.image_to_image) or (
+            isinstance(named, str) and named in _CATALOG.upscalers
+        ):
+            body["model"] = "fal-ai/flux/dev"
+    if path.startswith("/v1/upscale") and isinstance(named, str) and entry is not None:
+        body["model"] = "topaz"
     strength = body.get("strength")
     if isinstance(strength, int | float) and not isinstance(strength, bool):
         if 0 <= strength < 0.01:
