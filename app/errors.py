@@ -175,9 +175,10 @@ def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
     pydantic names the union member it tried in the location (a class name or a tag such as
     ``literal['a','b']``); those are not fields.
     """
-    sources = ("body", "query", "path", "header", "cookie")
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in sources else []
-    if not parts and loc and loc[0] not in sources:
+    if loc and loc[0] in ("query", "path", "header", "cookie") and len(loc) > 1:
+        return str(loc[1])  # a parameter's own name, as sent ("Idempotency-Key")
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else []
+    if not parts and loc and loc[0] not in ("body", "query", "path", "header", "cookie"):
         parts = [str(p) for p in loc]
     fields = [p for p in parts if not (p[:1].isupper() or "[" in p or p.startswith("function-"))]
     return ".".join(fields) or None

@@ -10,6 +10,7 @@ what every route of a kind can answer is added here once, so no route can forget
 - every operation can answer 400 (that header); every ``/v1`` and ``/admin`` operation also 401
   (no or a wrong key/token) and 503 (the state store is unreachable while authenticating);
 - every operation that takes a body can answer 413 (the body limit is checked before routing);
+- a parameter is never ``null`` (FastAPI writes ``str | None`` as ``anyOf [string, null]``);
 - FastAPI's 422 is never sent (validation errors are our 400s), so it is removed.
 """
 
@@ -62,10 +63,25 @@ def _error_entry(code: int) -> dict[str, Any]:
     return entry
 
 
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [X, null]`` -> ``X`` (keeping the description): a header or query parameter is
+    absent or a string, it is never JSON ``null``."""
+    branches = schema.get("anyOf")
+    if not isinstance(branches, list):
+        return schema
+    kept = [b for b in branches if b != {"type": "null"}]
+    if len(kept) != 1 or len(kept) == len(branches):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    return {**kept[0], **rest}
+
+
 def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
     responses.pop("422", None)
     parameters: list[dict[str, Any]] = operation.setdefault("parameters", [])
+    for parameter in parameters:
+        parameter["schema"] = _not_null(parameter.get("schema", {}))
     if not any(p.get("name") == "X-Request-Id" and p.get("in") == "header" for p in parameters):
         parameters.append(_CLIENT_ID_PARAMETER)
     codes = [400]
