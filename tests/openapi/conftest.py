@@ -1,7 +1,8 @@
-"""One gateway for the contract tests, on a Redis of its own.
+"""One gateway for the contract tests, on a Redis and a sandbox of its own.
 
-Schemathesis creates hundreds of keys and ledger entries; on their own Redis they cannot
-change what other tests read (key lists, usage over all keys).
+Schemathesis creates hundreds of keys, ledger entries and images; on their own Redis and
+sandbox they cannot change what other tests read (key lists, usage over all keys, the
+sandbox's request log), and the sandbox's images are freed when the tests are done.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.redis import EmbeddedRedis
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import Gateway, GatewayFactory, _stop, start_sandbox
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +21,9 @@ def contract_gateway(
 ) -> Iterator[Gateway]:
     redis = EmbeddedRedis(tmp_path_factory.mktemp("contract-redis"), persist=False)
     redis.start()
-    gateway = gateways.start(FALGATE_REDIS_URL=redis.url)
+    sandbox = start_sandbox(tmp_path_factory.mktemp("contract-sandbox"))
+    gateway = gateways.start(FALGATE_REDIS_URL=redis.url, FALGATE_SANDBOX_URL=sandbox.url)
     yield gateway
     gateway.stop()
+    _stop(sandbox.proc)
     redis.stop()
