@@ -12,6 +12,7 @@ from app.catalog import Catalog
 from app.errors import Unauthorized, Unavailable
 from app.keys.service import ApiKey, KeyService
 from app.redis import REDIS_ERRORS
+from app.sapiom.service import SapiomService
 from app.settings import Settings
 
 # Declared for the OpenAPI document (generated clients learn the schemes); parsed by hand
@@ -19,6 +20,13 @@ from app.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` or `Key <key>`")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken")
+SAPIOM_TRANSACTION_HEADER = "x-sapiom-transaction-id"
+_sapiom_transaction_header = APIKeyHeader(
+    name="X-Sapiom-Transaction-Id",
+    auto_error=False,
+    scheme_name="SapiomTransaction",
+    description="A transaction from `POST /v1/transactions`: single use, for that request only.",
+)
 
 
 # The accessors below are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in
@@ -51,23 +59,56 @@ def presented_key(request: Request) -> str | None:
     return api_key.strip() if api_key else None
 
 
+def _sapiom_request_url(request: Request, sapiom: SapiomService) -> str | None:
+    """The URL this request was sent to, as a Sapiom transaction names it."""
+    scope = request.scope
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    return sapiom.request_url(
+        scheme=scope.get("scheme", "http"),
+        host=request.headers.get("host"),
+        raw_path=raw_path.decode("latin-1"),
+        query=scope.get("query_string", b"").decode("latin-1"),
+    )
+
+
 async def current_key(
     request: Request,
     _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     _k: Annotated[str | None, Depends(_api_key_header)],
+    _t: Annotated[str | None, Depends(_sapiom_transaction_header)],
 ) -> ApiKey:
+    """The calling key: from the key the request presents, or from a Sapiom transaction.
+
+    A request with credentials (``Authorization``/``X-API-Key``) is that key's, exactly as
+    without Sapiom; if it also carries ``X-Sapiom-Transaction-Id``, the transaction must be
+    the same key's and is consumed. A request with only the transaction id is the creating
+    key's (``app.sapiom.service.SapiomService.redeem``).
+    """
     plaintext = presented_key(request)
-    if not plaintext:
+    transaction_id = request.headers.get(SAPIOM_TRANSACTION_HEADER)
+    # Credentials that are present are checked as always, even next to a transaction id.
+    has_credentials = "authorization" in request.headers or "x-api-key" in request.headers
+    keys: KeyService = request.app.state.keys
+    settings: Settings = request.app.state.settings
+    key: ApiKey | None = None
+    try:
+        if plaintext:
+            key = await keys.authenticate(plaintext, cache_ttl_s=settings.auth_cache_ttl_s)
+        if transaction_id is not None and (key is not None or not has_credentials):
+            sapiom: SapiomService = request.app.state.sapiom
+            key = await sapiom.redeem(
+                transaction_id,
+                method=request.method,
+                url=_sapiom_request_url(request, sapiom),
+                presented=key,
+            )
+    except REDIS_ERRORS as exc:
+        raise Unavailable("The gateway's state store is unavailable; try again shortly.") from exc
+    if key is None:
         raise Unauthorized(
             "Missing API key: send 'Authorization: Bearer <key>', "
             "'Authorization: Key <key>' or 'X-API-Key: <key>'."
         )
-    keys: KeyService = request.app.state.keys
-    settings: Settings = request.app.state.settings
-    try:
-        key = await keys.authenticate(plaintext, cache_ttl_s=settings.auth_cache_ttl_s)
-    except REDIS_ERRORS as exc:
-        raise Unavailable("The gateway's state store is unavailable; try again shortly.") from exc
     request.state.key_id = key.id
     return key
 

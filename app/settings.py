@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_input_bytes: int = 20_000_000
     max_body_bytes: int = 30_000_000
     image_fetch_allow_hosts: Annotated[list[str], NoDecode] = []
+    # URL prefixes (scheme://host[:port]/path/) exempt from the private-address refusal; in
+    # sandbox mode the sandbox's file route is added, and only that.
+    image_fetch_allow_url_prefixes: Annotated[list[str], NoDecode] = []
     image_fetch_timeout_s: float = 10.0
     catalog_file: Path | None = None
 
@@ -87,11 +90,28 @@ class Settings(BaseSettings):
     # How long ``GET /v1/requests/{id}`` remembers a request.
     request_record_ttl_s: int = 7 * 86_400
 
+    # --- Sapiom control plane (SPEC section 12) -------------------------------
+    sapiom_transaction_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+
+    # --- the HTTP edge (app/ops/edge.py, app/http.py) -------------------------
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    body_deadline_s: float = Field(default=120.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("image_fetch_allow_url_prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
         return value
 
     @property

@@ -1,25 +1,49 @@
-"""Admin API bodies for gateway keys (SPEC section 8)."""
+"""Admin API bodies for gateway keys (SPEC section 8).
+
+Admin input is as strict as client input: numbers are JSON numbers (``true`` and ``"5"`` are
+not 1 and 5; an integer-valued ``5.0`` is 5), ``budget_usd`` is a decimal string (at most 6
+decimals) or a whole number, ``expires_at`` an RFC 3339 date-time string in the future, and a
+name is printable text. Each rule a JSON Schema can state is in the document, as the server
+applies it.
+"""
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+)
 
-from app.schemas import rfc3339_datetime, whole_number
+from app.schemas import rfc3339_datetime
 
 BudgetPeriod = Literal["total", "daily", "monthly"]
+DEFAULT_BUDGET_PERIOD: BudgetPeriod = "monthly"  # SPEC section 8
+NAME_MAX = 200
+
+
+def _number_only(value: object) -> object:
+    """Refuse what lax validation would coerce into a number: booleans and strings."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
 
 #: 0 .. 1,000,000,000 USD with at most 6 decimals (micro-dollars), as a decimal string.
 BUDGET_PATTERN = r"^(?:[0-9]{1,9}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?)$"
 
 
 def _budget(value: object) -> object:
-    """A decimal string (or a whole JSON number) in the budget's range, else a clear error."""
+    """A decimal string matching the document's pattern, or a whole JSON number, in range."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -34,7 +58,10 @@ def _budget(value: object) -> object:
     )
 
 
-Budget = Annotated[
+# Constraints first, then the validator: so the JSON schema says ``minimum``/``maximum``.
+Rpm = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_number_only)]
+MaxConcurrent = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(_number_only)]
+Amount = Annotated[
     Decimal,
     BeforeValidator(_budget),
     WithJsonSchema(
@@ -47,10 +74,31 @@ Budget = Annotated[
         }
     ),
 ]
-# Constraints before the validator, so that the document shows them as minimum/maximum.
-Rpm = Annotated[int, Strict(), Field(ge=1, le=1_000_000), BeforeValidator(whole_number)]
-MaxConcurrent = Annotated[int, Strict(), Field(ge=1, le=100_000), BeforeValidator(whole_number)]
+# RFC 3339, the offset required (``format: date-time``); never a number.
 Moment = Annotated[datetime, BeforeValidator(rfc3339_datetime)]
+ModelName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+def _printable_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.isprintable() or value != value.strip():
+        raise ValueError("must be printable text without control characters or surrounding spaces")
+    return value
+
+
+def _in_the_future(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    if value <= datetime.now(UTC):
+        raise ValueError("must be in the future")
+    return value
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
 
 
 class _Body(BaseModel):
@@ -67,26 +115,39 @@ class KeyCreate(_Body):
         },
     )
 
-    name: str = Field(min_length=1, max_length=200)
-    budget_usd: Budget | None = None
-    budget_period: BudgetPeriod = "monthly"
+    name: StrictStr = Field(min_length=1, max_length=NAME_MAX)
+    budget_usd: Amount | None = None
+    budget_period: BudgetPeriod = DEFAULT_BUDGET_PERIOD
     rpm: Rpm | None = None
     max_concurrent: MaxConcurrent | None = None
-    models: list[str] | None = Field(default=None, max_length=1000)
+    models: list[ModelName] | None = Field(
+        default=None, max_length=1000, description="Catalog ids or aliases; stored as ids."
+    )
     expires_at: Moment | None = None
+
+    _name = field_validator("name")(_printable_name)
+    _expires = field_validator("expires_at")(_in_the_future)
 
 
 class KeyUpdate(_Body):
     """Only the fields present change; ``null`` clears a limit (back to unlimited/default)."""
 
-    # name and budget_period cannot be cleared: absent from the document's types, refused as null.
-    name: Annotated[str, Field(min_length=1, max_length=200)] | SkipJsonSchema[None] = None
-    budget_usd: Budget | None = None
-    budget_period: BudgetPeriod | SkipJsonSchema[None] = None
+    # Not nullable: a name and a period always exist (the default is only for the schema).
+    name: StrictStr = Field(  # type: ignore[assignment]
+        default=None, min_length=1, max_length=NAME_MAX, json_schema_extra=_no_default
+    )
+    budget_usd: Amount | None = None
+    budget_period: BudgetPeriod = Field(
+        default=None,  # type: ignore[arg-type]
+        json_schema_extra=_no_default,
+    )
     rpm: Rpm | None = None
     max_concurrent: MaxConcurrent | None = None
-    models: list[str] | None = Field(default=None, max_length=1000)
+    models: list[ModelName] | None = Field(default=None, max_length=1000)
     expires_at: Moment | None = None
+
+    _name = field_validator("name")(_printable_name)
+    _expires = field_validator("expires_at")(_in_the_future)
 
 
 class KeyOut(BaseModel):

@@ -179,7 +179,7 @@ class Meter:
         self._admit = LuaScript(redis, __package__, "admit.lua", prelude=_MONEY)
         self._resolve = LuaScript(redis, __package__, "resolve.lua", prelude=_MONEY)
         self._attach = LuaScript(redis, __package__, "attach.lua", prelude=_MONEY)
-        self._unresolved = LuaScript(redis, __package__, "unresolved.lua", prelude=_MONEY)
+        self._handoff = LuaScript(redis, __package__, "handoff.lua", prelude=_MONEY)
         self._renew = LuaScript(redis, __package__, "renew.lua", prelude=_MONEY)
 
     def _now_us(self) -> str:
@@ -311,6 +311,16 @@ class Meter:
     def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
         """Mark a hold ``unresolved`` (fal accepted its job, the request path gave up on it):
         the resolver settles or releases it from fal's answer."""
+        return self._handoff_call(admission, fal_request_id, "unresolved")
+
+    def detached_call(self, admission: Admission, fal_request_id: str) -> ScriptCall:
+        """Hand a job fal's queue accepted to the resolver at once (fal's queue API answers the
+        submit without waiting): it is settled when fal finishes, whoever asks for it."""
+        return self._handoff_call(admission, fal_request_id, "detached")
+
+    def _handoff_call(
+        self, admission: Admission, fal_request_id: str | None, mode: str
+    ) -> ScriptCall:
         key_id, request_id = admission.key_id, admission.request_id
         keys = [
             keyspace.holds(key_id),
@@ -318,12 +328,8 @@ class Meter:
             keyspace.request_record(key_id, request_id),
             keyspace.inflight(key_id),
         ]
-        return self._unresolved.call(keys, [request_id, fal_request_id or "", self._now_us()])
-
-    async def mark_unresolved(self, admission: Admission, fal_request_id: str | None) -> bool:
-        call = self.unresolved_call(admission, fal_request_id)
-        with store_errors():
-            return bool(_int(await call.script(call.keys, call.args)))
+        args = [request_id, fal_request_id or "", self._now_us(), mode]
+        return self._handoff.call(keys, args)
 
     async def settle(
         self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()

@@ -13,7 +13,6 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -32,17 +31,20 @@ SQUARE_COST = cost_of(512 * 512)
 DEFAULT_LEASE = {"FALGATE_HOLD_LEASE_S": "15", "FALGATE_AUTH_CACHE_TTL_S": "60"}
 
 
-@pytest.fixture
-def sandbox(deployment: Deployment) -> Iterator[Deployment]:
-    deployment.reset_sandbox()
-    deployment.configure_sandbox(latency_ms=0)
-    yield deployment
-    deployment.reset_sandbox()
-
-
 @pytest.fixture(scope="module")
 def gateway(deployment: Deployment) -> GatewayProcess:
     return deployment.start_gateway(**DEFAULT_LEASE)
+
+
+async def _budgeted(
+    deployment: Deployment, gateway: GatewayProcess, images: int, **limits: Any
+) -> tuple[str, str, int]:
+    """A key whose total budget is exactly ``images`` square images: (id, secret, budget)."""
+    budget = images * SQUARE_COST
+    key_id, key = await deployment.create_key(
+        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total", **limits
+    )
+    return key_id, key, budget
 
 
 async def _usage(gateway: GatewayProcess, key: str) -> dict[str, Any]:
@@ -128,13 +130,10 @@ def _statuses(responses: list[httpx.Response | BaseException]) -> list[int]:
 
 
 async def test_a_reused_x_request_id_buys_nothing(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     deployment.configure_sandbox(latency_ms=200)
-    budget = 20 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total", rpm=3, max_concurrent=1
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 20, rpm=3, max_concurrent=1)
     same = {"X-Request-Id": "client-chosen-1"}
     concurrent = await _post_all(gateway, key, 5, headers=same)
     statuses = _statuses(concurrent)
@@ -159,7 +158,7 @@ async def test_a_reused_x_request_id_buys_nothing(
 
 
 async def test_bad_client_request_ids_are_refused(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     _, key = await deployment.create_key(gateway)
     async with gateway.client(key) as client:
@@ -205,14 +204,11 @@ async def _fal_has(deployment: Deployment, key_id: str, n: int) -> None:
 
 
 async def test_redis_stalled_during_admission_leaves_no_phantom_hold(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     """Admission replies lost to a 1.5 s stall: the clients were told 503 'nothing was
     charged', and within seconds that is true; nothing refuses the key afterwards."""
-    budget = 4 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total", max_concurrent=2
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 4, max_concurrent=2)
     await _usage(gateway, key)  # the key is known (cached) before the stall
     async with gateway.client(key) as client:
         stalled = asyncio.create_task(asyncio.to_thread(_pause, deployment, 1.5))
@@ -231,13 +227,10 @@ async def test_redis_stalled_during_admission_leaves_no_phantom_hold(
 
 
 async def test_redis_stalled_during_settle_still_bills_the_work(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     deployment.configure_sandbox(latency_ms=600)
-    budget = 10 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total"
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 10)
     requests = asyncio.create_task(_post_all(gateway, key, 4))
     await _fal_has(deployment, key_id, 4)
     await asyncio.to_thread(_pause, deployment, 1.5)  # fal finishes while Redis is stalled
@@ -248,13 +241,10 @@ async def test_redis_stalled_during_settle_still_bills_the_work(
 
 
 async def test_redis_killed_and_restarted_under_load(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     deployment.configure_sandbox(latency_ms=100)
-    budget = 200 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total"
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 200)
 
     async def load() -> list[int]:
         seen: list[int] = []
@@ -284,14 +274,11 @@ async def test_redis_killed_and_restarted_under_load(
 
 
 async def test_gateway_killed_mid_flight_is_resolved_by_another_within_a_lease(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     deployment.configure_sandbox(latency_ms=800)
     victim = deployment.start_gateway(**DEFAULT_LEASE)
-    budget = 10 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total"
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 10)
     doomed = asyncio.create_task(_post_all(victim, key, 4))
     await _fal_has(deployment, key_id, 4)
     victim.kill()
@@ -302,16 +289,13 @@ async def test_gateway_killed_mid_flight_is_resolved_by_another_within_a_lease(
 
 
 async def test_same_idempotency_key_on_two_processes_with_the_owner_killed(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     """The retry neither runs the job again nor gives up: it attaches to fal's job of the
     first attempt, settled by the resolver after the owner died, and answers its outcome."""
     deployment.configure_sandbox(latency_ms=1500)
     owner = deployment.start_gateway(**DEFAULT_LEASE)
-    budget = 10 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total"
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 10)
     idem = {"Idempotency-Key": "chaos-idem-1"}
     first = asyncio.create_task(_post_all(owner, key, 1, headers=idem))
     await _fal_has(deployment, key_id, 1)
@@ -335,12 +319,9 @@ async def test_same_idempotency_key_on_two_processes_with_the_owner_killed(
 
 
 async def test_300_concurrent_requests_on_one_process_get_no_503(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
-    budget = 400 * SQUARE_COST
-    key_id, key = await deployment.create_key(
-        gateway, budget_usd=f"{budget / 1e6:.6f}", budget_period="total"
-    )
+    key_id, key, budget = await _budgeted(deployment, gateway, 400)
     statuses = _statuses(await _post_all(gateway, key, 300))
     assert statuses == [200] * 300, {s: statuses.count(s) for s in set(statuses)}
     charged = await assert_money_exact(deployment, gateway, key_id, key, budget)
@@ -348,7 +329,7 @@ async def test_300_concurrent_requests_on_one_process_get_no_503(
 
 
 async def test_requests_record_tells_the_outcome_to_its_owner_only(
-    deployment: Deployment, gateway: GatewayProcess, sandbox: Deployment
+    deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
     _, key = await deployment.create_key(gateway)
     _, other = await deployment.create_key(gateway)
