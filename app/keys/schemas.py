@@ -29,6 +29,9 @@ from app.schemas import rfc3339_datetime
 BudgetPeriod = Literal["total", "daily", "monthly"]
 DEFAULT_BUDGET_PERIOD: BudgetPeriod = "monthly"  # SPEC section 8
 NAME_MAX = 200
+# What a portable regex can say of ``_printable_name``: no control characters, no space at
+# either end (the server also refuses the other Unicode "Other"/"Separator" characters).
+NAME_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
 
 
 def _number_only(value: object) -> object:
@@ -101,6 +104,11 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def _name_schema(schema: dict[str, Any]) -> None:
+    _no_default(schema)
+    schema["pattern"] = NAME_PATTERN
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -115,7 +123,12 @@ class KeyCreate(_Body):
         },
     )
 
-    name: StrictStr = Field(min_length=1, max_length=NAME_MAX)
+    name: StrictStr = Field(
+        min_length=1,
+        max_length=NAME_MAX,
+        description="Printable text without surrounding spaces.",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
     budget_usd: Amount | None = None
     budget_period: BudgetPeriod = DEFAULT_BUDGET_PERIOD
     rpm: Rpm | None = None
@@ -134,7 +147,7 @@ class KeyUpdate(_Body):
 
     # Not nullable: a name and a period always exist (the default is only for the schema).
     name: StrictStr = Field(  # type: ignore[assignment]
-        default=None, min_length=1, max_length=NAME_MAX, json_schema_extra=_no_default
+        default=None, min_length=1, max_length=NAME_MAX, json_schema_extra=_name_schema
     )
     budget_usd: Amount | None = None
     budget_period: BudgetPeriod = Field(

@@ -17,9 +17,13 @@ described in the document (the field descriptions, /v1/models):
   (the catalog says which).
 - ``models`` of a key must be catalog ids or aliases (the catalog is configuration).
 - ``expires_at`` of a key must lie in the future (depends on the clock).
-- fal's image-to-image endpoints take ``strength`` from 0.01 (the sandbox enforces fal's
-  limits): the gateway documents SPEC's 0..1 and passes fal's 400 on for 0..0.01. This one is a
-  real difference between the contract and the upstream, reported to the lead.
+- fal's image-to-image endpoints take ``strength`` from 0.01 (flux) or 0.05 (sdxl) (the sandbox
+  enforces fal's limits): the gateway documents SPEC's 0..1 and passes fal's 400 on below
+  those. A real difference between the contract and the upstream, reported to the lead.
+- a key's ``name`` must be printable (``str.isprintable``: no Unicode "Other" or "Separator"
+  but the ASCII space); the document's pattern excludes controls and surrounding spaces, which
+  a portable regex can, not every Unicode category. A valid-by-pattern name that is not
+  printable is replaced by a printable one of the same length.
 
 One works around Schemathesis itself: its coverage phase computes the values next to an
 integer bound in floating point, so beside ``seed``'s bound of 2^64 it sends 2^64 + 382 as a
@@ -39,6 +43,7 @@ from PIL import Image
 
 from app.catalog import load_catalog
 from app.generation.schemas import IMAGE_URL_PATTERN
+from app.keys.schemas import NAME_PATTERN
 from app.schemas import parse_rfc3339
 
 _CATALOG = load_catalog(None)
@@ -99,14 +104,18 @@ def _fit_generation(body: dict[str, Any], model: Any, path: str) -> None:
         body["model"] = "topaz"
     strength = body.get("strength")
     if isinstance(strength, int | float) and not isinstance(strength, bool):
-        if 0 <= strength < 0.01:
-            body["strength"] = 0.01
+        if 0 <= strength < 0.05:
+            body["strength"] = 0.05
     seed = body.get("seed")
     if _is_int(seed, 2**64, 2**64 + 4096):
         body["seed"] = 2**64 - 1
 
 
 def _fit_key(body: dict[str, Any]) -> None:
+    name = body.get("name")
+    if isinstance(name, str) and 1 <= len(name) <= 200 and re.match(NAME_PATTERN, name):
+        if not name.isprintable():
+            body["name"] = "n" * len(name)
     models = body.get("models")
     if isinstance(models, list) and len(models) <= 1000 and all(isinstance(m, str) for m in models):
         ids = sorted(_CATALOG.models)

@@ -52,6 +52,9 @@ bearer = "{key}"
 [auth.openapi.APIKeyHeader]
 api_key = "{key}"
 
+[auth.openapi.SapiomApiKey]
+api_key = "{key}"
+
 [auth.openapi.AdminToken]
 bearer = "{ADMIN_TOKEN}"
 """

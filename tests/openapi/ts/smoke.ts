@@ -2,7 +2,7 @@
 // tests/openapi/test_generated_clients.py, which checks the JSON line printed at the end).
 // Compiled with `tsc --strict`: every field used below must exist, with its type, in the
 // client generated from /openapi.json.
-import { createClient, createConfig } from "./generated/client/index.js";
+import { type Auth, createClient, createConfig } from "./generated/client/index.js";
 import {
   createKey,
   exportLedger,
@@ -28,8 +28,11 @@ function fail(message: string): never {
 }
 
 const baseUrl = need("FALGATE_URL");
-const admin = createClient(createConfig({ baseUrl, auth: () => need("ADMIN_TOKEN") }));
-const keyClient = (key: string) => createClient(createConfig({ baseUrl, auth: () => key }));
+// The token for the bearer scheme only: the document also offers X-API-Key and a Sapiom
+// transaction header, which are other ways to authenticate, not the same secret.
+const bearer = (token: string) => (auth: Auth) => (auth.scheme === "bearer" ? token : undefined);
+const admin = createClient(createConfig({ baseUrl, auth: bearer(need("ADMIN_TOKEN")) }));
+const keyClient = (key: string) => createClient(createConfig({ baseUrl, auth: bearer(key) }));
 const body: GenerateRequest = { prompt: "a red fox", image_size: "square" };
 
 async function main(): Promise<void> {
