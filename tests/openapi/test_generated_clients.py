@@ -3,8 +3,8 @@
 Two generators that take the document at its word: ``openapi-python-client`` (Python, attrs
 models) and ``@hey-api/openapi-ts`` (TypeScript, compiled with ``tsc`` from the committed
 lockfile). Each generated client prices, generates, reads its usage, creates a key, exports the
-ledger (CSV and JSON lines: text, not JSON) and gets a 402 and a 429 as typed errors with their
-fields.
+ledger (CSV and JSON lines: text, not JSON), reads a request's outcome by its id and gets a 402
+and a 429 as typed errors with their fields.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def test_python_client(py_client: ModuleType, contract_gateway: Gateway) -> None
     price_generate = _py(py_client, api + "generation.price_generate")
     generate = _py(py_client, api + "generation.generate")
     get_usage = _py(py_client, api + "usage.get_usage")
+    get_request = _py(py_client, api + "usage.get_request")
     create_key = _py(py_client, api + "admin.create_key")
     export_ledger = _py(py_client, api + "admin.export_ledger")
     usage_report = _py(py_client, api + "admin.get_usage_report")
@@ -106,6 +107,10 @@ def test_python_client(py_client: ModuleType, contract_gateway: Gateway) -> None
     assert done.status_code == 200 and isinstance(done.parsed, models.GenerateResponse)
     assert done.parsed.cost.amount_usd == "0.003933" and done.parsed.images[0].width == 512
     assert done.headers["X-Cost-USD"] == "0.003933"
+    record = get_request.sync(client=client, request_id=done.headers["X-Request-Id"])
+    assert isinstance(record, models.RequestStatus), record
+    assert record.status == models.RequestStatusStatus.COMPLETED
+    assert isinstance(record.cost, models.RequestCost) and record.cost.amount_usd == "0.003933"
 
     # 429: rpm 1 and one request made this minute; a typed error with its fields and headers.
     limited = generate.sync_detailed(client=client, body=body)
@@ -188,6 +193,7 @@ def test_typescript_client(ts_project: Path, contract_gateway: Gateway) -> None:
     assert results == {
         "price": "0.003933",
         "generated": {"cost": "0.003933", "width": 512, "header": "0.003933"},
+        "request": {"status": "completed", "cost": "0.003933"},
         "spent": "0.003933",
         "created": {"prefix": "fgk_", "budget": "1.000000"},
         "rateLimited": {"status": 429, "type": "rate_limited", "limitType": "rpm"},

@@ -7,6 +7,7 @@ import {
   createKey,
   exportLedger,
   generate,
+  getRequest,
   getUsage,
   priceGenerate,
 } from "./generated/sdk.gen.js";
@@ -50,6 +51,10 @@ async function main(): Promise<void> {
     header: done.response.headers.get("X-Cost-USD"),
   };
 
+  const requestId = done.response.headers.get("X-Request-Id") ?? fail("no X-Request-Id");
+  const outcome = await getRequest({ client, path: { request_id: requestId } });
+  const record = outcome.data ?? fail(`getRequest: ${outcome.response.status}`);
+
   const usage = await getUsage({ client });
   const spent: string = usage.data?.spent_usd ?? fail(`usage: ${usage.response.status}`);
 
@@ -84,6 +89,7 @@ async function main(): Promise<void> {
     JSON.stringify({
       price: amount,
       generated,
+      request: { status: record.status, cost: record.cost?.amount_usd },
       spent,
       created: { prefix: created.key.slice(0, 4), budget: created.budget_usd },
       rateLimited: {
