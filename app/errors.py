@@ -7,6 +7,7 @@ FalgateError                      (500, internal_error - never raised on purpose
 ├── Forbidden                     403 forbidden
 ├── NotFound                      404 not_found
 │   └── ModelNotFound             404 model_not_found
+├── RequestTimeout                408 request_timeout
 ├── IdempotencyConflict           409 idempotency_conflict
 ├── PayloadTooLarge               413 payload_too_large
 ├── RateLimited                   429 rate_limited
@@ -80,6 +81,13 @@ class NotFound(FalgateError):
 
 class ModelNotFound(NotFound):
     type = "model_not_found"
+
+
+class RequestTimeout(FalgateError):
+    """The body stopped arriving (raised as such by ``app.http.BodyLimitMiddleware``)."""
+
+    status_code = 408
+    type = "request_timeout"
 
 
 class IdempotencyConflict(FalgateError):

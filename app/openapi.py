@@ -9,7 +9,8 @@ what every route of a kind can answer is added here once, so no route can forget
   ``X-Client-Request-Id``;
 - every operation can answer 400 (that header); every ``/v1`` and ``/admin`` operation also 401
   (no or a wrong key/token) and 503 (the state store is unreachable while authenticating);
-- every operation that takes a body can answer 413 (the body limit is checked before routing);
+- every operation whose method may carry a body can answer 408 (the body stopped arriving) and
+  413 (too large): ``app.http.BodyLimitMiddleware`` reads it before routing;
 - a parameter is never ``null`` (FastAPI writes ``str | None`` as ``anyOf [string, null]``);
 - FastAPI's 422 is never sent (validation errors are our 400s), so it is removed.
 """
@@ -87,8 +88,8 @@ def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     codes = [400]
     if path.startswith(_GUARDED):
         codes += [401, 503]
-    if "requestBody" in operation:
-        codes.append(413)
+    if method not in ("get", "head", "options"):
+        codes += [408, 413]  # the body middleware reads every other method's body first
     for code in codes:
         responses.setdefault(str(code), _error_entry(code))
     for response in responses.values():

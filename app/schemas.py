@@ -19,6 +19,7 @@ _DESCRIPTIONS = {
     403: ("forbidden", "This key may not use the model."),
     404: ("not_found", "No such resource or model."),
     405: ("invalid_request", "The route does not take this method; `Allow` lists those it takes."),
+    408: ("request_timeout", "The request body stopped arriving; the connection is closed."),
     409: ("idempotency_conflict", "Idempotency-Key reused with a different body."),
     413: ("payload_too_large", "Body or input image over the limits."),
     429: ("rate_limited", "Over the key's rate limits; see Retry-After."),
