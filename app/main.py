@@ -18,6 +18,8 @@ from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
 from app.dashboard import install_dashboard
 from app.errors import add_exception_handlers
+from app.falapi.routes import router as fal_router
+from app.falapi.service import QueueFollower
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
 from app.http import BodyLimitMiddleware
@@ -204,24 +206,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
         app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred, sweeper)
+        fal_follower = QueueFollower(app.state.money, settings)  # fal's queue API (falapi)
+        stack.push_async_callback(fal_follower.stop)
+        app.state.fal_follower = fal_follower
 
         if settings.sandbox_mode:
             dev_key = await _development_key(settings, keys)
             token_generated = not (
                 settings.admin_token is not None and settings.admin_token.get_secret_value()
             )
+            scheme = "https" if settings.tls_self_signed or settings.tls_certfile else "http"
             _banner(
                 [
                     "falgate is running in SANDBOX MODE (no fal key): images come from the",
                     "built-in fal emulator and cost nothing real.",
-                    f"Gateway:       http://{settings.host}:{settings.port}",
-                    f"Dashboard:     http://{settings.host}:{settings.port}/dashboard",
+                    f"Gateway:       {scheme}://{settings.host}:{settings.port}",
+                    f"Dashboard:     {scheme}://{settings.host}:{settings.port}/dashboard",
                     f"Admin token:   {app.state.admin_token}"
                     if token_generated
                     else "Admin token:   (FALGATE_ADMIN_TOKEN)",
                     f"API key (dev): {dev_key}",
                     "Try:",
-                    f"  curl http://{settings.host}:{settings.port}/v1/generate \\",
+                    f"  curl {scheme}://{settings.host}:{settings.port}/v1/generate \\",
                     f"    -H 'Authorization: Bearer {dev_key}' \\",
                     "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
                 ]
@@ -252,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "admin", "description": "Keys, usage and ledger (admin token)."},
             {"name": "operations", "description": "Health and metrics."},
             {"name": "sapiom", "description": "The control plane of Sapiom-wrapped clients."},
+            {"name": "fal", "description": "fal's own API, for fal's official clients."},
         ],
     )
     app.state.settings = settings
@@ -264,6 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
     app.include_router(sapiom_router)
+    app.include_router(fal_router)  # fal's own API (SPEC section 11)
     install_dashboard(app)
     app.openapi = lambda: contract_document(app)  # type: ignore[method-assign]
     app.add_middleware(

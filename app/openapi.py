@@ -12,11 +12,13 @@ what every route of a kind can answer is added here once, so no route can forget
 - every operation whose method may carry a body can answer 408 (the body stopped arriving) and
   413 (too large): ``app.http.BodyLimitMiddleware`` reads it before routing;
 - a parameter is never ``null`` (FastAPI writes ``str | None`` as ``anyOf [string, null]``);
-- FastAPI's 422 is never sent (validation errors are our 400s), so it is removed.
+- FastAPI's 422 is never sent (validation errors are our 400s), so it is removed, except on
+  fal's own API (``/fal/``), which answers validation errors with fal's 422.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI
@@ -77,9 +79,24 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     return {**kept[0], **rest}
 
 
+_ENVELOPE_REF = {"$ref": "#/components/schemas/ErrorEnvelope"}
+
+
+def _also_envelope(entry: dict[str, Any]) -> None:
+    """A status the middlewares answer (400 for X-Request-Id, 408, 413) in the envelope, also
+    where the route's own errors have another shape (fal's ``{"detail": ...}`` on ``/fal/``)."""
+    media = entry.setdefault("content", {}).setdefault("application/json", {})
+    schema = media.get("schema")
+    if schema is None:
+        media["schema"] = _ENVELOPE_REF
+    elif schema != _ENVELOPE_REF and _ENVELOPE_REF not in schema.get("anyOf", []):
+        media["schema"] = {"anyOf": [schema, _ENVELOPE_REF]}
+
+
 def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
-    responses.pop("422", None)
+    if not path.startswith("/fal/"):  # fal's own API answers validation errors with 422, as fal
+        responses.pop("422", None)
     parameters: list[dict[str, Any]] = operation.setdefault("parameters", [])
     for parameter in parameters:
         parameter["schema"] = _not_null(parameter.get("schema", {}))
@@ -91,7 +108,8 @@ def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     if method not in ("get", "head", "options"):
         codes += [408, 413]  # the body middleware reads every other method's body first
     for code in codes:
-        responses.setdefault(str(code), _error_entry(code))
+        entry = responses.setdefault(str(code), _error_entry(code))
+        _also_envelope(entry)
     for response in responses.values():
         headers = response.setdefault("headers", {})
         for name, spec in {**REQUEST_ID, **_ECHO}.items():
@@ -118,7 +136,8 @@ def contract_document(app: FastAPI) -> dict[str, Any]:
     if metrics is not None:
         metrics["responses"]["200"]["content"] = {"text/plain": _TEXT}
     schemas = schema.get("components", {}).get("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(name, None)
+    if '"#/components/schemas/HTTPValidationError"' not in json.dumps(schema.get("paths", {})):
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
     app.openapi_schema = schema
     return schema
