@@ -6,20 +6,26 @@ Time filters: ``start`` inclusive, ``end`` exclusive, both UTC.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, time, timedelta
+
+from app.schemas import parse_rfc3339
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 def parse_moment(value: str | None, *, end: bool = False) -> datetime | None:
-    """``2024-06-01`` or an ISO 8601 datetime (UTC if no offset) -> an aware datetime.
+    """An RFC 3339 date (``2024-06-01``) or date-time (``2024-06-01T12:00:00Z``, the offset
+    required) -> an aware datetime; anything else is a ``ValueError``.
 
     A bare date as an ``end`` bound includes that whole day.
     """
-    if not value:
+    if value is None:
         return None
-    try:
-        day = date.fromisoformat(value)
-    except ValueError:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    moment = datetime.combine(day, time(), UTC)
-    return moment + timedelta(days=1) if end else moment
+    if _DATE.fullmatch(value):
+        moment = datetime.combine(date.fromisoformat(value), time(), UTC)
+        if not end:
+            return moment
+        return moment + timedelta(days=1) if moment.date() < date.max else _LATEST
+    return parse_rfc3339(value)
