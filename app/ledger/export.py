@@ -20,13 +20,12 @@ loop for the Redis pages it needs; the event loop only passes chunks of bytes on
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import csv
 import heapq
 import io
 import json
 import json.encoder
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -70,23 +69,28 @@ _ROW_WIDTH = len(ROW_COLUMNS)
 _MAX_SEQ = 2**64 - 1
 
 
+#: ``<ms>-<seq>.<key id>``: the position of an entry in the export order. Every string of
+#: this form is a position (resuming after it is well defined, whether or not such an entry
+#: exists), so the cursor's schema says exactly what is accepted.
+CURSOR_PATTERN = r"^[0-9]{1,15}-[0-9]{1,18}\.[A-Za-z0-9_-]{1,64}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(position: Cursor) -> str:
     ms, key_id, seq = position
-    raw = f"{ms}-{seq}:{key_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{ms}-{seq}.{key_id}"
 
 
 def decode_cursor(value: str) -> Cursor:
     """The position an ``after=`` cursor names; ``InvalidRequest`` when it is not one."""
-    try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
-        entry_id, _, key_id = raw.partition(":")
-        ms, _, seq = entry_id.partition("-")
-        if not key_id:
-            raise ValueError(value)
-        return int(ms), key_id, int(seq)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidRequest("'after' is not a cursor this gateway issued.", param="after") from exc
+    if not _CURSOR.fullmatch(value):
+        raise InvalidRequest(
+            "'after' is not a cursor: pass the `cursor` of the last entry of the previous page.",
+            param="after",
+        )
+    entry_id, _, key_id = value.partition(".")
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), key_id, int(seq)
 
 
 @dataclass(frozen=True)

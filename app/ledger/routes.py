@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import AdminDep
 from app.errors import InvalidRequest
-from app.ledger.export import ExportQuery, decode_cursor
+from app.ledger.export import CURSOR_PATTERN, ExportQuery, decode_cursor
 from app.ledger.service import LedgerService
 from app.metering.reports import parse_moment
 from app.metering.schemas import UsageReport
@@ -44,8 +44,9 @@ ToQuery = Annotated[
 AfterQuery = Annotated[
     str | None,
     Query(
-        description="Resume after this entry: the `cursor` of the last entry of the previous "
-        "page (opaque)."
+        description="Resume after this entry: the `cursor` of the last entry of the previous page.",
+        pattern=CURSOR_PATTERN,
+        examples=["1764633600123-0.key_3f9a0c1d2e4b5a69"],
     ),
 ]
 LimitQuery = Annotated[
