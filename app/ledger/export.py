@@ -4,7 +4,7 @@ Order: by ``(id_ms, key_id, id_seq)`` - the millisecond of the entry's stream id
 time of the append), then the key id (byte order), then the sequence within that millisecond.
 Within one key this is exactly the key's stream order; across keys it is time order, ties
 broken by key id. Every entry has one position, so a cursor (the position of the last entry
-a page returned, opaque base64url) resumes exactly after it.
+a page returned, ``<ms>-<seq>.<key id>``) resumes exactly after it.
 
 What is read: the archive (keyset pages of :meth:`LedgerDatabase.page`) and, for each key, the
 Redis stream from just after the archive's progress for that key (a snapshot taken when the
