@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -120,7 +119,7 @@ class Sandbox:
 
     async def reset(self) -> None:
         await self.cancel_all()
-        self.state.jobs.clear()
+        self.state.clear()
         self.state.config = self.state.initial.model_copy(deep=True)
         self.files.clear()
         self.files.max_bytes = self.state.config.max_file_bytes
@@ -231,8 +230,7 @@ class Sandbox:
                 await self.state.acquire_slot()
         except TimeoutError:
             return False
-        job.state = "IN_PROGRESS"
-        job.started_at = time.time()
+        self.state.start(job)
         return True
 
     async def _work(self, job: Job) -> None:
