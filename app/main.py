@@ -29,7 +29,9 @@ from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
+from app.ops.metrics import mark_process_dead
 from app.ops.shutdown import InflightTracker
+from app.ops.workers import is_worker
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.redis import EmbeddedRedis, redis_client
 from app.sandbox import SandboxConfig, embedded_sandbox
@@ -102,6 +104,29 @@ def _banner(lines: list[str]) -> None:
     print("\n".join(["", rule, *(f"  {line}" for line in lines), rule, ""]), file=sys.stderr)
 
 
+async def sandbox_welcome(settings: Settings, keys: KeyService, admin_token: str) -> None:
+    """Sandbox mode: make sure the development key exists and print how to use it."""
+    dev_key = await _development_key(settings, keys)
+    token_generated = not (
+        settings.admin_token is not None and settings.admin_token.get_secret_value()
+    )
+    _banner(
+        [
+            "falgate is running in SANDBOX MODE (no fal key): images come from the",
+            "built-in fal emulator and cost nothing real.",
+            f"Gateway:       http://{settings.host}:{settings.port}",
+            f"Admin token:   {admin_token}"
+            if token_generated
+            else "Admin token:   (FALGATE_ADMIN_TOKEN)",
+            f"API key (dev): {dev_key}",
+            "Try:",
+            f"  curl http://{settings.host}:{settings.port}/v1/generate \\",
+            f"    -H 'Authorization: Bearer {dev_key}' \\",
+            "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
+        ]
+    )
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
@@ -170,26 +195,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
 
-        if settings.sandbox_mode:
-            dev_key = await _development_key(settings, keys)
-            token_generated = not (
-                settings.admin_token is not None and settings.admin_token.get_secret_value()
-            )
-            _banner(
-                [
-                    "falgate is running in SANDBOX MODE (no fal key): images come from the",
-                    "built-in fal emulator and cost nothing real.",
-                    f"Gateway:       http://{settings.host}:{settings.port}",
-                    f"Admin token:   {app.state.admin_token}"
-                    if token_generated
-                    else "Admin token:   (FALGATE_ADMIN_TOKEN)",
-                    f"API key (dev): {dev_key}",
-                    "Try:",
-                    f"  curl http://{settings.host}:{settings.port}/v1/generate \\",
-                    f"    -H 'Authorization: Bearer {dev_key}' \\",
-                    "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
-                ]
-            )
+        if settings.sandbox_mode and not is_worker():  # a worker's parent already did this
+            await sandbox_welcome(settings, keys, app.state.admin_token)
+        stack.callback(mark_process_dead)
         yield
         await app.state.inflight.drain(settings.shutdown_grace_s)
 

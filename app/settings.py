@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     public_url: str | None = None
     shutdown_grace_s: int = 25  # uvicorn timeout_graceful_shutdown; in-flight work drains
+    workers: int = Field(default=1, ge=1)  # server processes on one port (app/ops/workers.py)
 
     # --- state -------------------------------------------------------------
     redis_url: str | None = None
