@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from app.catalog import Price
 from app.deps import CatalogDep, CurrentKey, SettingsDep
 from app.errors import ClientClosedRequest, UpstreamError, request_id_of
+from app.fastjson import FastJSONResponse
 from app.generation import service
 from app.generation.schemas import (
     GenerateRequest,
@@ -140,7 +141,7 @@ def _metered(request: Request, outcome: service.Outcome, body: dict[str, Any]) -
     if outcome.remaining is not None:
         headers["X-Budget-Remaining-USD"] = format_usd(outcome.remaining)
     headers.update(outcome.headers)
-    return JSONResponse(body, headers=headers)
+    return FastJSONResponse(body, headers=headers)
 
 
 def _image_json(img: Any) -> dict[str, Any]:

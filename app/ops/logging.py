@@ -25,7 +25,6 @@ Redis password, as a second line of defence.
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 import re
@@ -40,6 +39,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import fastjson
 from app.money import format_usd
 from app.ops.metrics import Metrics, bind_metrics, metrics_of, unbind_metrics
 from app.settings import Settings
@@ -86,7 +86,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         # Match the secrets as they appear inside a JSON string (quotes, backslashes escaped).
         self._redact = sorted(
-            {json.dumps(s)[1:-1] for s in redact if len(s) >= _MIN_SECRET_LEN},
+            {fastjson.dumps(s).decode()[1:-1] for s in redact if len(s) >= _MIN_SECRET_LEN},
             key=len,
             reverse=True,
         )
@@ -108,7 +108,7 @@ class JsonFormatter(logging.Formatter):
             data["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
             data["exc"] = record.exc_text
-        return self.scrub(json.dumps(data, default=str, ensure_ascii=False))
+        return self.scrub(fastjson.dumps(data).decode())
 
     def scrub(self, line: str) -> str:
         for secret in self._redact:
