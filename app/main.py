@@ -13,17 +13,22 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from redis.asyncio import Redis
 
 from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
 from app.errors import add_exception_handlers
 from app.generation.routes import router as generation_router
+from app.generation.service import MoneyPath
 from app.http import BodyLimitMiddleware
+from app.keys.invalidation import KeyChangeListener
 from app.keys.routes import router as keys_router
 from app.keys.schemas import KeyCreate
 from app.keys.service import KeyService
 from app.metering import Meter
+from app.metering.deferred import DeferredWrites
+from app.metering.leases import LeaseKeeper
 from app.metering.routes import admin_router as usage_admin_router
 from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
@@ -185,11 +190,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         keys = KeyService(redis, known_models=_known_models(app))
         app.state.keys = keys
+        if isinstance(redis, Redis):  # redis-py's asyncio cluster client has no pub/sub
+            listener = KeyChangeListener(redis, keys)
+            await listener.start()
+            stack.push_async_callback(listener.stop)
 
         process_id = f"proc_{secrets.token_hex(6)}"
         app.state.process_id = process_id
-        app.state.meter = Meter(redis, settings, process_id)
-        app.state.gate = UpstreamGate(redis, settings, process_id)
+        meter = Meter(redis, settings, process_id)
+        gate = UpstreamGate(redis, settings, process_id)
+        app.state.meter, app.state.gate = meter, gate
+        leases = LeaseKeeper(meter, gate)
+        await leases.start()
+        stack.push_async_callback(leases.stop)
+        deferred = DeferredWrites(redis)
+        stack.push_async_callback(deferred.drain, settings.shutdown_grace_s)
+        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred)
         sweeper = Sweeper(redis, settings, process_id, fal)
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)

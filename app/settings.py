@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_socket_timeout_s: float = 0.5
     redis_connect_timeout_s: float = 0.5
+    # Connections per process (per node on a cluster); a request waits up to
+    # ``redis_pool_timeout_s`` for one instead of failing when all are busy.
+    redis_max_connections: int = 256
+    redis_pool_timeout_s: float = 2.0
 
     # --- secrets -----------------------------------------------------------
     fal_key: SecretStr | None = Field(
@@ -76,6 +80,11 @@ class Settings(BaseSettings):
     auth_cache_ttl_s: float = 1.0
     sweeper_interval_s: float = 5.0
     process_lease_s: float = 15.0
+    # A hold's lease, renewed while its request lives: a crashed process's holds are resolved
+    # within a lease plus one sweep.
+    hold_lease_s: float = 15.0
+    # How long ``GET /v1/requests/{id}`` remembers a request.
+    request_record_ttl_s: int = 7 * 86_400
 
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod

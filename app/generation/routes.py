@@ -116,15 +116,7 @@ async def _execute(request: Request, key: Any, job: service.Job) -> service.Outc
     request.state.prompt = job.prompt
     outcome = await _until_disconnect(
         request,
-        service.execute(
-            job,
-            key,
-            request_id_of(request),
-            meter=state.meter,
-            gate=state.gate,
-            fal=state.fal,
-            inflight=state.inflight,
-        ),
+        service.execute(job, key, request_id_of(request), state.money),
     )
     request.state.cost_micro = outcome.charged
     request.state.upstream_request_id = outcome.upstream_request_id

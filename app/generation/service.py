@@ -9,7 +9,6 @@ settle the hold to the real cost of what fal returned, or release it on any fail
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 from app.catalog import Catalog, Price, price_images
 from app.catalog.adapters import image_to_image_call, text_to_image_call, upscale_call
-from app.errors import InvalidRequest, PayloadTooLarge, Unavailable, UpstreamError
+from app.errors import FalgateError, InvalidRequest, PayloadTooLarge, Unavailable, UpstreamError
 from app.generation.schemas import (
     GenerateRequest,
     TransformRequest,
@@ -26,11 +25,15 @@ from app.generation.schemas import (
 )
 from app.images import fit_to_size, load_input_image, to_data_uri
 from app.keys.service import ApiKey
-from app.metering.lua import run_together
-from app.metering.meter import AdmitRequest
+from app.metering.deferred import DeferredWrites
+from app.metering.leases import LeaseKeeper
+from app.metering.lua import ScriptCall, run_together
+from app.metering.meter import Admission, AdmitRequest, Meter, Settlement
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
+from app.ratelimit.upstream_gate import UpstreamGate
 from app.settings import Settings
+from app.upstream.client import FalClient
 from app.upstream.types import GeneratedImage, UpstreamCall, UpstreamResult
 
 GENERATE, TRANSFORM, UPSCALE = "generate", "transform", "upscale"
@@ -217,16 +220,140 @@ def actual_price(job: Job, images: list[GeneratedImage]) -> Price:
     return price_images(sizes, job.estimate.unit_price)
 
 
-async def _settle(meter: Any, admission: Any, actual: Price) -> Any:
-    """Settle, retrying through a short Redis outage: fal has done (and billed) the work, so
-    giving up early would leave the charge to the sweeper's much later age rule."""
+@dataclass(frozen=True)
+class MoneyPath:
+    """Everything the one money path (admit -> forward -> settle) talks to; the lifespan
+    builds it once per process."""
+
+    meter: Meter
+    gate: UpstreamGate
+    fal: FalClient
+    inflight: InflightTracker
+    leases: LeaseKeeper
+    deferred: DeferredWrites
+
+
+def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
+    """The error for the client when fal accepted the job and the gateway gave up on it:
+    the same status, and where to learn the outcome (nothing is released on a guess)."""
+    message = (
+        f"{exc.message} fal accepted this job; the gateway asked fal to cancel it and records "
+        f"whatever fal produced: GET /v1/requests/{request_id} tells the outcome."
+    )
+    accepted = type(exc)(message, param=exc.param, headers=exc.headers, extra=exc.extra)
+    accepted.__cause__ = exc
+    return accepted
+
+
+async def execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+    """Admit, forward and settle one job.
+
+    Before fal accepted the job every failure releases the hold; after, the hold is settled
+    to what fal produced, or marked ``unresolved`` for the resolver to settle or release from
+    fal's answer (SPEC section 10).
+    """
+    with path.inflight.track():
+        return await _execute(job, key, request_id, path)
+
+
+def _admit_request(job: Job, key: ApiKey, request_id: str) -> AdmitRequest:
+    return AdmitRequest(
+        key.id,
+        request_id,
+        job.model_id,
+        job.operation,
+        job.estimate,
+        job.call.endpoint,
+        prompt=job.prompt,
+    )
+
+
+async def _admit_and_reserve(request: AdmitRequest, path: MoneyPath) -> tuple[Admission, bool]:
+    """Admission and a first try for an upstream slot, in ONE Redis round trip.
+
+    The two scripts live on different Cluster slots so they cannot be one script; they are
+    pipelined instead. Refused requests give the slot straight back. Returns the admission and
+    whether the slot was granted at once. If Redis does not answer, the admission may still
+    have run (or still run later): its release by id is retried until Redis answers.
+    """
+    meter, gate = path.meter, path.gate
+    try:
+        admit_reply, gate_reply = await run_together(
+            meter.redis,
+            meter.admit_call(request),
+            gate.acquire_call(request.key_id, request.request_id),
+        )
+    except Unavailable:
+        path.deferred.later(
+            gate.release_call(request.request_id),
+            meter.release_id_call(request.key_id, request.request_id, "admission_lost"),
+        )
+        raise
+    try:
+        admission = meter.admission_from(admit_reply, request)
+    except BaseException:
+        await asyncio.shield(gate.release(request.request_id))
+        raise
+    return admission, gate.granted(gate_reply)
+
+
+async def _release_all(path: MoneyPath, admission: Admission, reason: str) -> None:
+    """Give back the slot and the hold, in one round trip (before fal accepted the job); if
+    Redis does not answer, keep trying in the background."""
+    outcome = "cancelled" if reason == "cancelled" else "failed"
+    calls = (
+        path.gate.release_call(admission.request_id),
+        path.meter.release_call(admission, reason, outcome),
+    )
+    try:
+        _, hold_reply = await run_together(path.meter.redis, *calls)
+        path.meter.settlement_from(hold_reply)
+    except Unavailable:
+        path.deferred.later(*calls)
+
+
+async def _give_up(path: MoneyPath, admission: Admission, fal_request_id: str) -> None:
+    """fal accepted the job and the request path stops following it: free the slot and leave
+    the hold to the resolver (``unresolved``), now or as soon as Redis answers."""
+    calls = (
+        path.gate.release_call(admission.request_id),
+        path.meter.unresolved_call(admission, fal_request_id),
+    )
+    try:
+        await run_together(path.meter.redis, *calls)
+    except Unavailable:
+        path.deferred.later(*calls)
+
+
+async def _release_once_admitted(
+    admitting: asyncio.Future[tuple[Admission, bool]], path: MoneyPath
+) -> None:
+    try:
+        admission, _ = await admitting
+    except Exception:  # refused (401/402/429) or the store failed (its release is deferred)
+        return
+    await _release_all(path, admission, "cancelled")
+
+
+async def _settle_and_free(
+    path: MoneyPath, admission: Admission, actual: Price, images: list[GeneratedImage]
+) -> Settlement:
+    """Settle the hold and free the upstream slot in one round trip; if Redis is briefly
+    unreachable, keep trying to settle (fal did, and billed, the work)."""
+    meter, gate = path.meter, path.gate
+    settle = meter.settle_call(admission, actual, images)
     delay = 0.05
     deadline = time.monotonic() + SETTLE_RETRY_S
+    calls: tuple[ScriptCall, ...] = (gate.release_call(admission.request_id), settle)
     while True:
         try:
-            return await meter.settle(admission, actual)
+            replies = await run_together(meter.redis, *calls)
+            return meter.settlement_from(replies[-1])
         except Unavailable as exc:
             if time.monotonic() + delay > deadline:
+                # Still retried in the background, with the hold's lease kept alive meanwhile:
+                # in sync mode fal's id is unknown and the resolver could only release it.
+                path.deferred.later(*calls)
                 raise Unavailable(
                     "The images were generated but the gateway's state store is unavailable; "
                     "the charge will be recorded when it is back. Try again shortly.",
@@ -236,128 +363,61 @@ async def _settle(meter: Any, admission: Any, actual: Price) -> Any:
             delay = min(delay * 2, 1.0)
 
 
-async def execute(
-    job: Job,
-    key: ApiKey,
-    request_id: str,
-    *,
-    meter: Any,
-    gate: Any,
-    fal: Any,
-    inflight: InflightTracker,
-) -> Outcome:
-    """Admit, forward and settle one job; the hold is released on every failure path."""
-    with inflight.track():
-        return await _execute(
-            job, key, request_id, meter=meter, gate=gate, fal=fal, inflight=inflight
-        )
-
-
-async def _admit_and_reserve(job: Job, key: ApiKey, request_id: str, meter: Any, gate: Any) -> Any:
-    """Admission and a first try for an upstream slot, in ONE Redis round trip.
-
-    The two scripts live on different Cluster slots so they cannot be one script; they are
-    pipelined instead. Refused requests give the slot straight back; a slot not granted at once
-    is waited for (polling) only after the request was admitted.
-    """
-    request = AdmitRequest(
-        key.id, request_id, job.model_id, job.operation, job.estimate, job.call.endpoint
-    )
-    admit_reply, gate_reply = await run_together(
-        meter.redis, meter.admit_call(request), gate.acquire_call(key.id, request_id)
-    )
+async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+    request = _admit_request(job, key, request_id)
+    admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
     try:
-        admission = meter.admission_from(admit_reply, request)
-    except BaseException:
-        await asyncio.shield(gate.release(request_id))
-        raise
-    if not gate.granted(gate_reply):
-        try:
-            await gate.acquire(key.id, request_id)
-        except BaseException:
-            await asyncio.shield(_release_all(meter, gate, admission, "failed"))
-            raise
-    return admission
-
-
-async def _release_all(meter: Any, gate: Any, admission: Any, reason: str) -> None:
-    """Give back the slot and the hold, in one round trip (failure and cancellation paths)."""
-    _, hold_reply = await run_together(
-        meter.redis, gate.release_call(admission.request_id), meter.release_call(admission, reason)
-    )
-    meter.settlement_from(hold_reply)
-
-
-async def _release_once_admitted(admitting: asyncio.Future[Any], meter: Any, gate: Any) -> None:
-    try:
-        admission = await admitting
-    except Exception:  # refused (401/402/429) or the store failed: nothing is held
-        return
-    with contextlib.suppress(Exception):  # the caller is gone; a failure here has no one to tell
-        await _release_all(meter, gate, admission, "cancelled")
-
-
-async def _settle_and_free(meter: Any, gate: Any, admission: Any, actual: Price) -> Any:
-    """Settle the hold and free the upstream slot in one round trip; if Redis is briefly
-    unreachable, keep trying to settle (the slot's lease frees it anyway)."""
-    try:
-        _, settle_reply = await run_together(
-            meter.redis,
-            gate.release_call(admission.request_id),
-            meter.settle_call(admission, actual),
-        )
-        return meter.settlement_from(settle_reply)
-    except Unavailable:
-        with contextlib.suppress(Unavailable):
-            await gate.release(admission.request_id)
-        return await _settle(meter, admission, actual)
-
-
-async def _execute(
-    job: Job,
-    key: ApiKey,
-    request_id: str,
-    *,
-    meter: Any,
-    gate: Any,
-    fal: Any,
-    inflight: InflightTracker,
-) -> Outcome:
-    admitting = asyncio.ensure_future(_admit_and_reserve(job, key, request_id, meter, gate))
-    try:
-        admission = await inflight.shield(admitting)
+        admission, granted = await path.inflight.shield(admitting)
     except asyncio.CancelledError:
         # The caller went away while admission was under way: the script may have placed the
-        # hold already, and nothing else would ever release it (nor free its in-flight slot)
-        # while this process lives. Let it finish, then give the hold back.
-        await inflight.shield(_release_once_admitted(admitting, meter, gate))
+        # hold already. Let it finish, then give the hold back.
+        await path.inflight.shield(_release_once_admitted(admitting, path))
         raise
-    upstream_id: list[str] = []
+    with path.leases.keep(key.id, request_id):
+        if not granted:
+            try:
+                await path.gate.acquire(key.id, request_id)
+            except BaseException:
+                await path.inflight.shield(_release_all(path, admission, "failed"))
+                raise
+        return await _forward(job, admission, path)
+
+
+async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
+    request_id = admission.request_id
+    accepted: list[str] = []  # fal's request id, once fal accepted the job
 
     async def on_submitted(fal_request_id: str) -> None:
-        upstream_id.append(fal_request_id)
+        accepted.append(fal_request_id)
         try:
-            attached = await meter.attach_upstream(admission, fal_request_id)
+            attached = await path.meter.attach_upstream(admission, fal_request_id)
         except Unavailable:
-            # fal has the job and the hold is in place: carry on and settle at the end. Only a
-            # crash before that would leave the sweeper unable to ask fal for the outcome.
+            # fal has the job and the hold is in place: carry on; the id is recorded when the
+            # hold is settled or marked unresolved.
             log.warning("could not record fal's request id %s", fal_request_id)
             return
-        if attached is False:
-            # A sweeper already resolved this hold: nothing could bill the job, so stop it.
+        if not attached:
+            # The resolver released this hold (its lease ran out before fal accepted the
+            # job): nothing could bill the job, so the fal client cancels it.
+            accepted.clear()
             raise UpstreamError("The request's hold expired before fal accepted it.")
 
     try:
-        async with gate.renewing(request_id):
-            result: UpstreamResult = await fal.run(job.call, on_submitted=on_submitted)
-    except BaseException:
-        # Released even when the caller went away (cancellation): the release is shielded,
-        # and counted in flight so a shutdown waits for it.
-        await inflight.shield(_release_all(meter, gate, admission, "failed"))
+        result: UpstreamResult = await path.fal.run(job.call, on_submitted=on_submitted)
+    except BaseException as exc:
+        # Shielded and counted in flight, so that neither a client hanging up nor a shutdown
+        # cuts the bookkeeping short.
+        if not accepted:
+            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+            await path.inflight.shield(_release_all(path, admission, reason))
+            raise
+        await path.inflight.shield(_give_up(path, admission, accepted[0]))
+        if isinstance(exc, FalgateError):
+            raise _accepted(exc, request_id) from exc
         raise
     images = filled_images(job, result)
-    settlement = await inflight.shield(
-        _settle_and_free(meter, gate, admission, actual_price(job, images))
+    settlement = await path.inflight.shield(
+        _settle_and_free(path, admission, actual_price(job, images), images)
     )
     record_settled(job.model_id, settlement.charged)
     return Outcome(
@@ -367,5 +427,5 @@ async def _execute(
         charged=settlement.charged,
         remaining=settlement.remaining,
         headers=dict(admission.headers),
-        upstream_request_id=result.request_id or (upstream_id[0] if upstream_id else None),
+        upstream_request_id=result.request_id or (accepted[0] if accepted else None),
     )

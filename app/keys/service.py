@@ -27,6 +27,8 @@ from app.money import format_usd, parse_usd
 
 KEY_PREFIX = "fgk_"
 IDS_SET = "falgate:keys"
+#: Pub/sub channel: a key id is published on it whenever that key changes.
+KEY_CHANGES = "falgate:keys:changed"
 
 
 def meta_key(key_id: str) -> str:
@@ -157,6 +159,30 @@ class KeyService:
         self.redis = redis
         self.known_models = known_models
         self._cache: dict[str, tuple[float, ApiKey]] = {}
+        # The cache is used only while a listener hears every key change (see
+        # ``app.keys.invalidation``); ``_generation`` moves on with every change heard, so a
+        # read that raced a change is not cached.
+        self._cache_enabled = False
+        self._generation = 0
+
+    def enable_cache(self, enabled: bool) -> None:
+        """Called by the change listener: True once subscribed, False when it lost Redis."""
+        self._cache_enabled = enabled
+        self.forget()
+
+    def forget(self, key_id: str | None = None) -> None:
+        """Drop cached keys (all, or one key's), because a change was heard."""
+        self._generation += 1
+        if key_id is None:
+            self._cache.clear()
+            return
+        for digest in [d for d, (_, k) in self._cache.items() if k.id == key_id]:
+            del self._cache[digest]
+
+    async def _changed(self, key_id: str) -> None:
+        """Tell every gateway process (and this one) that a key changed: applies at once."""
+        self.forget(key_id)
+        await self.redis.publish(KEY_CHANGES, key_id)
 
     def _check_models(self, models: list[str] | None) -> None:
         if models is None or self.known_models is None:
@@ -214,6 +240,7 @@ class KeyService:
         fields = _fields(body, set(body.model_fields_set))
         if fields:
             await self.redis.hset(meta_key(key_id), mapping=fields)
+            await self._changed(key_id)
         return await self.get(key_id)
 
     async def revoke(self, key_id: str) -> ApiKey:
@@ -222,14 +249,17 @@ class KeyService:
             await self.redis.hset(
                 meta_key(key_id), mapping={"status": "revoked", "revoked_at": repr(time.time())}
             )
+            await self._changed(key_id)
         return await self.get(key_id)
 
     async def authenticate(self, plaintext: str, *, cache_ttl_s: float = 0.0) -> ApiKey:
         """The usable key behind a presented secret, or 401.
 
-        A short in-process cache saves a round trip per request; it can only delay a
-        revocation's 401 by ``cache_ttl_s``, because the admission step re-checks the
-        key's status atomically before any work is done.
+        A short in-process cache saves a round trip per request. It is dropped on every key
+        change (Redis pub/sub, heard by every process) and used only while this process is
+        subscribed, so a revocation, expiry, new budget or model list applies on the next
+        request everywhere; ``cache_ttl_s`` only bounds an entry's age. The admission step
+        re-checks the key's status atomically before any work is done anyway.
         """
         if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
             raise Unauthorized("Invalid API key.")
@@ -239,12 +269,13 @@ class KeyService:
         if cached is not None and cached[0] > now:
             key = cached[1]
         else:
+            generation = self._generation
             key_id = await self.redis.get(hash_index_key(digest))
             raw = await self.redis.hgetall(meta_key(key_id)) if key_id else {}
             if not raw:
                 raise Unauthorized("Invalid API key.")
             key = ApiKey.from_hash(raw)
-            if cache_ttl_s > 0:
+            if cache_ttl_s > 0 and self._cache_enabled and generation == self._generation:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
                 self._cache[digest] = (now + cache_ttl_s, key)

@@ -1,28 +1,33 @@
--- Admit one request: key check, rate limits, budget, then hold + in-flight slot + ledger entry.
--- Nothing is written unless every check passes, so a refused request holds no money and
--- uses no rate token.
+-- Admit one request: key check, rate limits, budget, then hold + in-flight slot + lease +
+-- request record + ledger entry. Nothing is written unless every check passes, so a refused
+-- request holds no money and uses no rate token.
 --
--- KEYS: 1 meta, 2 gcra, 3 inflight, 4 budget, 5 holds, 6 ledger   (all under {k:<id>})
--- ARGV: 1 key_id, 2 request_id, 3 now_us ('' = Redis TIME), 4 amount (micro-dollars),
---       5 pixels, 6 unit_price, 7 model, 8 operation, 9 endpoint, 10 process_id,
---       11 default_rpm, 12 default_max_concurrent, 13 day_start, 14 month_start (epoch s)
+-- KEYS: 1 meta, 2 gcra, 3 inflight, 4 budget, 5 holds, 6 ledger, 7 leases, 8 request record
+--       (all under {k:<id>})
+-- ARGV: 1 key_id, 2 request_id (gateway-generated), 3 now_us ('' = Redis TIME), 4 amount
+--       (micro-dollars), 5 pixels, 6 unit_price, 7 model, 8 operation, 9 endpoint,
+--       10 process_id, 11 default_rpm, 12 default_max_concurrent, 13 hold lease ms,
+--       14 request record ttl ms, 15 prompt ('' = none)
 --
 -- Replies:
---   {'ok', remaining (-1 = unlimited), rpm, rl_remaining, rl_reset_s, replayed (0|1)}
+--   {'ok', remaining (-1 = unlimited), rpm, rl_remaining, rl_reset_s}
 --   {'unauthorized', 'unknown'|'revoked'|'expired'}
 --   {'rate', 'rpm'|'concurrency', retry_after_s, rpm, rl_remaining, rl_reset_s, limit}
 --   {'budget', remaining, rpm, rl_remaining, rl_reset_s}
+--   {'stale'}  this request id was already used (or given up on): nothing was done
 
-local meta_key, gcra_key, inflight_key, budget_key, holds_key, ledger_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local meta_key, gcra_key, inflight_key, budget_key, holds_key, ledger_key, leases_key,
+  record_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local key_id, request_id = ARGV[1], ARGV[2]
 local amount = tonumber(ARGV[4])
 local process_id = ARGV[10]
+local now_us = redis_now_us(ARGV[3])
+local day_start, month_start = period_starts(now_us)
 
-local now_us = tonumber(ARGV[3])
-if not now_us then
-  local t = redis.call('TIME')
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- A request id is used once. Its record exists if it was admitted before, or if the gateway
+-- released it before this script ran (it lost the reply of an earlier attempt to run it).
+if redis.call('EXISTS', record_key) == 1 then
+  return {'stale'}
 end
 
 local meta = redis.call('HMGET', meta_key,
@@ -43,18 +48,12 @@ local max_concurrent = tonumber(meta[6]) or tonumber(ARGV[12])
 
 -- Budget: settled spend of the key's current calendar period plus everything held.
 local budget = tonumber(meta[3])
-local period = meta[4]
-local period_field = 'total'
-if period == 'daily' then
-  period_field = 'd:' .. ARGV[13]
-elseif period == 'monthly' then
-  period_field = 'm:' .. ARGV[14]
-end
+local spent_field = period_field(meta[4], day_start, month_start)
 local function remaining_budget()
   if not budget then
     return -1
   end
-  local state = redis.call('HMGET', budget_key, period_field, 'held')
+  local state = redis.call('HMGET', budget_key, spent_field, 'held')
   local left = budget - (tonumber(state[1]) or 0) - (tonumber(state[2]) or 0)
   if left < 0 then
     left = 0
@@ -80,22 +79,18 @@ if rpm > 0 then
 end
 
 local function rate_state(at)
-  -- remaining requests and seconds until the full allowance is back, for a TAT of `at`
+  -- Remaining requests, and seconds until one more is allowed (0 at the full allowance). On
+  -- a refusal that is exactly Retry-After: both headers tell the same time.
   local ahead = at - now_us
   local left = math.floor((WINDOW + slack - ahead) / interval)
   if left < 0 then
     left = 0
   end
-  return left, math.ceil(ahead / 1000000)
-end
-
--- A retried call (e.g. a client-side retry after a timeout) finds its own hold: same answer,
--- nothing counted twice.
-if redis.call('HEXISTS', holds_key, request_id) == 1 then
-  if rpm > 0 then
-    rl_remaining, rl_reset = rate_state(tat)
+  local reset = 0
+  if ahead > 0 then
+    reset = math.max(0, math.ceil((ahead - (WINDOW + slack - (left + 1) * interval)) / 1000000))
   end
-  return {'ok', remaining_budget(), rpm, rl_remaining, rl_reset, 1}
+  return left, reset
 end
 
 if max_concurrent > 0 and redis.call('HLEN', inflight_key) >= max_concurrent then
@@ -109,8 +104,8 @@ if rpm > 0 then
   local candidate = tat + interval
   local over = candidate - now_us - WINDOW - slack
   if over > 0 then
-    local _, reset = rate_state(tat)
-    return {'rate', 'rpm', math.max(1, math.ceil(over / 1000000)), rpm, 0, reset, rpm}
+    local retry_after = math.max(1, math.ceil(over / 1000000))
+    return {'rate', 'rpm', retry_after, rpm, 0, retry_after, rpm}
   end
   new_tat = math.floor(candidate + 0.5)
   rl_remaining, rl_reset = rate_state(new_tat)
@@ -129,21 +124,25 @@ end
 
 -- Every check passed: commit.
 if new_tat then
-  redis.call('SET', gcra_key, string.format('%.0f', new_tat),
-    'PX', math.ceil((new_tat - now_us) / 1000) + 1000)
+  redis.call('SET', gcra_key, fmt(new_tat), 'PX', math.ceil((new_tat - now_us) / 1000) + 1000)
 end
+local now_ms = ms_of(now_us)
 redis.call('HSET', inflight_key, request_id, process_id)
 redis.call('HINCRBY', budget_key, 'held', amount)
-local now_ms = string.format('%.0f', math.floor(now_us / 1000))
 -- Every value a string: cjson would print large numbers in exponent form.
 redis.call('HSET', holds_key, request_id, cjson.encode({
   amount = ARGV[4], pixels = ARGV[5], unit_price = ARGV[6],
   model = ARGV[7], operation = ARGV[8], endpoint = ARGV[9],
-  process = process_id, day = ARGV[13], month = ARGV[14],
-  created_ms = now_ms, upstream = '', claimer = '', claim_until_ms = '0',
+  process = process_id, day = fmt(day_start), month = fmt(month_start),
+  created_ms = fmt(now_ms), upstream = '', state = 'held',
 }))
+redis.call('ZADD', leases_key, fmt(now_ms + tonumber(ARGV[13])), request_id)
+redis.call('HSET', record_key, 'status', 'pending', 'state', 'held', 'key_id', key_id,
+  'operation', ARGV[8], 'model', ARGV[7], 'endpoint', ARGV[9], 'hold_micro', ARGV[4],
+  'created_ms', fmt(now_ms), 'upstream', '', 'prompt', ARGV[15])
+redis.call('PEXPIRE', record_key, ARGV[14])
 redis.call('XADD', ledger_key, '*',
   'event', 'hold', 'key_id', key_id, 'request_id', request_id, 'upstream_request_id', '',
   'model', ARGV[7], 'operation', ARGV[8], 'pixels', ARGV[5], 'amount_micro', ARGV[4],
-  'ts_ms', now_ms, 'process_id', process_id)
-return {'ok', remaining, rpm, rl_remaining, rl_reset, 0}
+  'ts_ms', fmt(now_ms), 'process_id', process_id)
+return {'ok', remaining, rpm, rl_remaining, rl_reset}

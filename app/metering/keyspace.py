@@ -6,8 +6,15 @@ one Lua script can touch all of it):
 - ``{k:<id>}:meta``      hash, written by the keys service; read (never cached) by the scripts
 - ``{k:<id>}:budget``    hash: ``held`` (micro-dollars currently held), and settled spend per
   period: ``total``, ``d:<day start epoch>``, ``m:<month start epoch>``
-- ``{k:<id>}:holds``     hash: request id -> JSON hold record (amount, pixels, unit price,
-  model, operation, endpoint, owning process, periods, fal request id, sweeper claim)
+- ``{k:<id>}:holds``     hash: request id -> JSON hold (amount, pixels, unit price, model,
+  operation, endpoint, placing process, periods, fal request id, state: ``held`` (fal has not
+  accepted the job) | ``submitted`` (fal's id recorded) | ``unresolved`` (the request path
+  gave up after fal accepted it; the resolver asks fal))
+- ``{k:<id>}:leases``    sorted set: request id -> lease deadline (ms, Redis clock) of each open
+  hold; renewed while its request lives, so the resolver finds the abandoned ones by score
+- ``{k:<id>}:req:<request id>``  hash: the request record behind ``GET /v1/requests/{id}``
+  (status, operation, model, fal's id, cost, images); also the tombstone that refuses an
+  admission the gateway already gave up on
 - ``{k:<id>}:inflight``  hash: request id -> owning process id (``max_concurrent`` slots)
 - ``{k:<id>}:gcra``      string: GCRA theoretical arrival time, microseconds since the epoch
 - ``{k:<id>}:ledger``    stream: the append-only ledger (hold / settle / release entries)
@@ -53,6 +60,14 @@ def gcra(key_id: str) -> str:
 
 def ledger(key_id: str) -> str:
     return f"{tag(key_id)}:ledger"
+
+
+def leases(key_id: str) -> str:
+    return f"{tag(key_id)}:leases"
+
+
+def request_record(key_id: str, request_id: str) -> str:
+    return f"{tag(key_id)}:req:{request_id}"
 
 
 def idempotency(key_id: str, idempotency_key: str) -> str:

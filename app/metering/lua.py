@@ -69,9 +69,14 @@ def store_errors(what: str = "The metering store") -> Iterator[None]:
 class LuaScript:
     """One ``.lua`` file bound to a client; ``await script(keys, args)`` runs it atomically."""
 
-    def __init__(self, client: Any, package: str, name: str) -> None:
+    def __init__(
+        self, client: Any, package: str, name: str, *, prelude: Sequence[str] = ()
+    ) -> None:
+        """``prelude``: ``.lua`` files of the same package whose functions the script uses
+        (e.g. ``clock.lua``), prepended to it: Redis has no ``require``."""
         self.name = name
-        self._script = client.register_script(script_text(package, name))
+        source = "\n".join(script_text(package, part) for part in (*prelude, name))
+        self._script = client.register_script(source)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         # redis-py's script object sends EVALSHA and, on NOSCRIPT, loads the text and retries.

@@ -4,34 +4,46 @@ Invariant: for every key, settled spend of the current period plus everything he
 exceeds the budget, whatever the number of concurrent requests and gateway processes. It holds
 because the check and the hold are one Lua script on the key's own Redis slot, and a hold is
 resolved (settled or released) exactly once, by whoever removes it from ``{k:<id>}:holds``.
+
+A hold's life (SPEC section 10): ``held`` (admitted) -> ``submitted`` (fal accepted the job and
+its id is recorded) -> settled | released, or ``unresolved`` (the request path gave up after
+fal accepted it) -> settled | released by the resolver from fal's answer. Every hold has a lease
+in ``{k:<id>}:leases`` renewed while its request lives; the resolver takes the ones whose lease
+ran out. Every time that decides money is Redis's ``TIME``, read inside the scripts.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from app.catalog.pricing import Price
-from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized
+from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized, Unavailable
 from app.metering import keyspace
 from app.metering.lua import LuaScript, ScriptCall, store_errors, text
-from app.metering.periods import PeriodStarts, iso, period_bounds
+from app.metering.periods import iso, period_bounds
 from app.money import format_usd
 from app.ratelimit.headers import rate_limit_headers
 from app.settings import Settings
+from app.upstream.types import GeneratedImage
 
 _UNAUTHORIZED = {
     "unknown": "Invalid API key.",
     "revoked": "This API key has been revoked.",
     "expired": "This API key has expired.",
 }
+_MONEY = ("clock.lua",)
 
 
 @dataclass(frozen=True)
 class AdmitRequest:
-    """What a request asks of the meter: hold ``estimate`` on ``key_id`` for this call."""
+    """What a request asks of the meter: hold ``estimate`` on ``key_id`` for this call.
+
+    ``request_id`` is the gateway's own id for the request (never a client's value).
+    """
 
     key_id: str
     request_id: str
@@ -39,6 +51,7 @@ class AdmitRequest:
     operation: str
     estimate: Price
     endpoint: str
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class Admission:
 class Settlement:
     """How a hold was resolved.
 
-    ``already_resolved`` is true when something else (a sweeper, an earlier retry) resolved
+    ``already_resolved`` is true when something else (the resolver, an earlier retry) resolved
     the hold first; ``charged``/``released`` then report what was recorded at that time.
     """
 
@@ -67,6 +80,40 @@ class Settlement:
     released: int
     remaining: int | None
     already_resolved: bool = False
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What the gateway knows of one request it admitted (``GET /v1/requests/{id}``).
+
+    ``status``: ``pending`` (held or submitted, its request still running), ``unresolved``
+    (fal accepted it, the request path gave up, the resolver is asking fal), ``completed``
+    (settled), ``failed`` or ``cancelled`` (released).
+    """
+
+    request_id: str
+    key_id: str
+    status: str
+    operation: str
+    model: str
+    upstream_request_id: str | None
+    hold: int
+    charged: int | None
+    pixels: int | None
+    images: list[GeneratedImage] | None
+    seed: int | None
+    prompt: str | None
+    remaining: int | None
+    created_ms: int
+
+    @property
+    def resolved(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+    @property
+    def created_at(self) -> str:
+        moment = datetime.fromtimestamp(self.created_ms / 1000, UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _int(value: Any) -> int:
@@ -78,11 +125,39 @@ def _remaining(value: Any) -> int | None:
     return None if remaining < 0 else remaining
 
 
+def images_json(images: Sequence[GeneratedImage]) -> str:
+    return json.dumps(
+        [
+            {"url": i.url, "width": i.width, "height": i.height, "content_type": i.content_type}
+            for i in images
+        ],
+        separators=(",", ":"),
+    )
+
+
+def _images(raw: str) -> list[GeneratedImage] | None:
+    if not raw:
+        return None
+    return [
+        GeneratedImage(
+            url=str(i["url"]),
+            width=i.get("width"),
+            height=i.get("height"),
+            content_type=i.get("content_type"),
+        )
+        for i in json.loads(raw)
+    ]
+
+
+def _opt_int(raw: str | None) -> int | None:
+    return int(raw) if raw not in (None, "") else None
+
+
 class Meter:
     """Holds, settles and releases money against keys' budgets; enforces per-key rate limits.
 
-    ``clock`` (epoch seconds) exists for tests of the rate-limit arithmetic; by default every
-    script reads Redis's own ``TIME``, so all gateway processes share one clock.
+    ``clock`` (epoch seconds) exists for tests of the rate-limit and period arithmetic; by
+    default every script reads Redis's own ``TIME``, so all gateway processes share one clock.
     """
 
     def __init__(
@@ -91,22 +166,23 @@ class Meter:
         settings: Settings,
         process_id: str,
         *,
-        clock: Callable[[], float] | None = None,
+        clock: Any = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
         self.process_id = process_id
         self._clock = clock
-        self._admit = LuaScript(redis, __package__, "admit.lua")
-        self._resolve = LuaScript(redis, __package__, "resolve.lua")
-        self._attach = LuaScript(redis, __package__, "attach.lua")
+        self.lease_ms = max(1000, int(settings.hold_lease_s * 1000))
+        self.record_ttl_ms = int(settings.request_record_ttl_s * 1000)
+        self._admit = LuaScript(redis, __package__, "admit.lua", prelude=_MONEY)
+        self._resolve = LuaScript(redis, __package__, "resolve.lua", prelude=_MONEY)
+        self._attach = LuaScript(redis, __package__, "attach.lua", prelude=_MONEY)
+        self._unresolved = LuaScript(redis, __package__, "unresolved.lua", prelude=_MONEY)
+        self._renew = LuaScript(redis, __package__, "renew.lua", prelude=_MONEY)
 
-    def _now(self) -> tuple[str, float]:
-        """(``now_us`` argument for the scripts, epoch seconds for the period boundaries)."""
-        if self._clock is None:
-            return "", time.time()
-        now = self._clock()
-        return str(int(now * 1_000_000)), now
+    def _now_us(self) -> str:
+        """The scripts' ``now_us`` argument: '' (Redis ``TIME``) unless a test clock is set."""
+        return "" if self._clock is None else str(int(self._clock() * 1_000_000))
 
     async def admit(
         self,
@@ -117,15 +193,16 @@ class Meter:
         operation: str,
         estimate: Price,
         endpoint: str,
+        prompt: str | None = None,
     ) -> Admission:
         """Check the key, its rate limits and budget, and hold ``estimate.amount``: one step.
 
         Raises ``Unauthorized`` (unknown/revoked/expired key), ``RateLimited`` (429 with
         ``Retry-After`` and ``RateLimit-*``), ``BudgetExceeded`` (402 with ``estimate_usd`` and
-        ``remaining_usd``) or ``Unavailable`` (Redis unreachable). Calling it again with the same
-        ``request_id`` returns the existing admission instead of holding twice.
+        ``remaining_usd``) or ``Unavailable`` (Redis unreachable; the script may or may not
+        have run: release the request id to be sure, see :meth:`release_id_call`).
         """
-        request = AdmitRequest(key_id, request_id, model, operation, estimate, endpoint)
+        request = AdmitRequest(key_id, request_id, model, operation, estimate, endpoint, prompt)
         call = self.admit_call(request)
         with store_errors():
             reply = await call.script(call.keys, call.args)
@@ -133,12 +210,10 @@ class Meter:
 
     def admit_call(self, request: AdmitRequest) -> ScriptCall:
         """The admission script for :meth:`admit`, to run together with other scripts."""
-        now_us, now = self._now()
-        starts = PeriodStarts.at(now)
         args: list[str | int | float] = [
             request.key_id,
             request.request_id,
-            now_us,
+            self._now_us(),
             request.estimate.amount,
             request.estimate.pixels,
             request.estimate.unit_price,
@@ -148,8 +223,9 @@ class Meter:
             self.process_id,
             self.settings.default_rpm,
             self.settings.default_max_concurrent,
-            starts.day,
-            starts.month,
+            self.lease_ms,
+            self.record_ttl_ms,
+            request.prompt or "",
         ]
         keys = [
             keyspace.meta(request.key_id),
@@ -158,6 +234,8 @@ class Meter:
             keyspace.budget(request.key_id),
             keyspace.holds(request.key_id),
             keyspace.ledger(request.key_id),
+            keyspace.leases(request.key_id),
+            keyspace.request_record(request.key_id, request.request_id),
         ]
         return self._admit.call(keys, args)
 
@@ -207,34 +285,58 @@ class Meter:
                     "remaining_usd": format_usd(remaining),
                 },
             )
+        if outcome == "stale":
+            raise Unavailable(
+                "The metering store answered too late; nothing was charged. Try again.",
+                headers={"Retry-After": "1"},
+            )
         raise RuntimeError(f"unexpected admit reply {reply!r}")  # pragma: no cover
 
     async def attach_upstream(self, admission: Admission, fal_request_id: str) -> bool:
-        """Record fal's request id on the hold (so a sweeper can ask fal after a crash).
+        """Record fal's request id on the hold (state ``submitted``).
 
-        Returns False when the hold no longer exists (a sweeper resolved it because this
-        process looked dead): the caller should cancel the upstream request.
+        Returns False when the hold no longer exists (the resolver released it because its
+        lease ran out before fal accepted the job): the caller should cancel at fal.
         """
+        keys = [
+            keyspace.holds(admission.key_id),
+            keyspace.request_record(admission.key_id, admission.request_id),
+        ]
         with store_errors():
-            done = await self._attach(
-                [keyspace.holds(admission.key_id)], [admission.request_id, fal_request_id]
-            )
+            done = await self._attach(keys, [admission.request_id, fal_request_id])
         return bool(_int(done))
 
-    async def settle(self, admission: Admission, actual: Price) -> Settlement:
-        """Charge ``min(actual, hold)``, release the rest, free the in-flight slot. Exactly once."""
-        return await self.resolve_hold(
-            admission.key_id,
-            admission.request_id,
-            settle=True,
-            amount=actual.amount,
-            pixels=actual.pixels,
-            reason="completed",
-        )
+    def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
+        """Mark a hold ``unresolved`` (fal accepted its job, the request path gave up on it):
+        the resolver settles or releases it from fal's answer."""
+        key_id, request_id = admission.key_id, admission.request_id
+        keys = [
+            keyspace.holds(key_id),
+            keyspace.leases(key_id),
+            keyspace.request_record(key_id, request_id),
+            keyspace.inflight(key_id),
+        ]
+        return self._unresolved.call(keys, [request_id, fal_request_id or "", self._now_us()])
 
-    async def release(self, admission: Admission, reason: str) -> None:
+    async def mark_unresolved(self, admission: Admission, fal_request_id: str | None) -> bool:
+        call = self.unresolved_call(admission, fal_request_id)
+        with store_errors():
+            return bool(_int(await call.script(call.keys, call.args)))
+
+    async def settle(
+        self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()
+    ) -> Settlement:
+        """Charge ``min(actual, hold)``, release the rest, free the in-flight slot. Exactly once."""
+        call = self.settle_call(admission, actual, images)
+        with store_errors():
+            reply = await call.script(call.keys, call.args)
+        return self.settlement_from(reply)
+
+    async def release(self, admission: Admission, reason: str, outcome: str = "failed") -> None:
         """Release the whole hold (failure, cancellation). Exactly once; a no-op if resolved."""
-        await self.resolve_hold(admission.key_id, admission.request_id, settle=False, reason=reason)
+        await self.resolve_hold(
+            admission.key_id, admission.request_id, settle=False, reason=reason, outcome=outcome
+        )
 
     async def resolve_hold(
         self,
@@ -245,16 +347,29 @@ class Meter:
         amount: int | None = None,
         pixels: int | None = None,
         reason: str = "",
+        images: Sequence[GeneratedImage] = (),
+        seed: int | None = None,
+        outcome: str = "failed",
     ) -> Settlement:
         """Settle (``amount`` None = the hold amount) or release a hold by its ids."""
         call = self.resolve_call(
-            key_id, request_id, settle=settle, amount=amount, pixels=pixels, reason=reason
+            key_id,
+            request_id,
+            settle=settle,
+            amount=amount,
+            pixels=pixels,
+            reason=reason,
+            images=images,
+            seed=seed,
+            outcome=outcome,
         )
         with store_errors():
             reply = await call.script(call.keys, call.args)
         return self.settlement_from(reply)
 
-    def settle_call(self, admission: Admission, actual: Price) -> ScriptCall:
+    def settle_call(
+        self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()
+    ) -> ScriptCall:
         """:meth:`settle` as a script call, to run together with other scripts."""
         return self.resolve_call(
             admission.key_id,
@@ -263,13 +378,21 @@ class Meter:
             amount=actual.amount,
             pixels=actual.pixels,
             reason="completed",
+            images=images,
         )
 
-    def release_call(self, admission: Admission, reason: str) -> ScriptCall:
+    def release_call(
+        self, admission: Admission, reason: str, outcome: str = "failed"
+    ) -> ScriptCall:
         """:meth:`release` as a script call, to run together with other scripts."""
-        return self.resolve_call(
-            admission.key_id, admission.request_id, settle=False, reason=reason
-        )
+        return self.release_id_call(admission.key_id, admission.request_id, reason, outcome)
+
+    def release_id_call(
+        self, key_id: str, request_id: str, reason: str, outcome: str = "failed"
+    ) -> ScriptCall:
+        """Release by ids: also for an admission whose reply was lost (a tombstone is left if
+        it has not run yet, so that it is refused when it does)."""
+        return self.resolve_call(key_id, request_id, settle=False, reason=reason, outcome=outcome)
 
     def resolve_call(
         self,
@@ -280,28 +403,33 @@ class Meter:
         amount: int | None = None,
         pixels: int | None = None,
         reason: str = "",
+        images: Sequence[GeneratedImage] = (),
+        seed: int | None = None,
+        outcome: str = "failed",
     ) -> ScriptCall:
         """The resolve script (settle or release one hold, exactly once)."""
-        now_us, now = self._now()
-        starts = PeriodStarts.at(now)
         keys = [
             keyspace.meta(key_id),
             keyspace.inflight(key_id),
             keyspace.budget(key_id),
             keyspace.holds(key_id),
             keyspace.ledger(key_id),
+            keyspace.leases(key_id),
+            keyspace.request_record(key_id, request_id),
         ]
         args: list[str | int | float] = [
             key_id,
             request_id,
-            now_us,
+            self._now_us(),
             "settle" if settle else "release",
             "" if amount is None else amount,
             "" if pixels is None else pixels,
             reason,
-            starts.day,
-            starts.month,
             self.process_id,
+            images_json(images) if images else "",
+            "" if seed is None else str(seed),
+            self.record_ttl_ms,
+            outcome,
         ]
         return self._resolve.call(keys, args)
 
@@ -319,27 +447,61 @@ class Meter:
             already_resolved=bool(_int(reply[4])),
         )
 
+    def renew_call(self, key_id: str, request_ids: Sequence[str]) -> ScriptCall:
+        """Renew these live holds' leases (one key's) to Redis's clock plus a lease."""
+        return self._renew.call([keyspace.leases(key_id)], [self.lease_ms, *request_ids])
+
+    async def request_record(self, key_id: str, request_id: str) -> RequestRecord | None:
+        """The record of one of this key's requests; None if it has none (or it expired)."""
+        with store_errors():
+            raw = await self.redis.hgetall(keyspace.request_record(key_id, request_id))
+        if not raw:
+            return None
+        rec = {text(k): text(v) for k, v in raw.items()}
+        if not rec.get("operation"):  # a tombstone: the request was never admitted
+            return None
+        return RequestRecord(
+            request_id=request_id,
+            key_id=key_id,
+            status=rec.get("status", "pending"),
+            operation=rec["operation"],
+            model=rec.get("model", ""),
+            upstream_request_id=rec.get("upstream") or None,
+            hold=int(rec.get("hold_micro") or 0),
+            charged=_opt_int(rec.get("charged_micro")),
+            pixels=_opt_int(rec.get("pixels")),
+            images=_images(rec.get("images", "")),
+            seed=_opt_int(rec.get("seed")),
+            prompt=rec.get("prompt") or None,
+            remaining=_opt_int(rec.get("remaining_micro")),
+            created_ms=int(rec.get("created_ms") or 0),
+        )
+
     async def usage(self, key_id: str) -> dict[str, Any]:
-        """The key's budget, period, spend, holds and limits (``GET /v1/usage``)."""
-        now = self._clock() if self._clock else time.time()
+        """The key's budget, period, spend, holds and limits (``GET /v1/usage``).
+
+        The current period is taken from Redis's clock, as the scripts take it.
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keyspace.meta(key_id))
             pipe.hgetall(keyspace.budget(key_id))
             pipe.hlen(keyspace.inflight(key_id))
+            pipe.time()
             with store_errors():
-                raw_meta, raw_budget, in_flight = await pipe.execute()
+                raw_meta, raw_budget, in_flight, redis_time = await pipe.execute()
         meta = {text(k): text(v) for k, v in raw_meta.items()}
         if not meta:
             raise NotFound(f"Unknown key '{key_id}'.")
         counters = {text(k): _int(v) for k, v in raw_budget.items()}
-        period = meta.get("budget_period") or "total"  # as admit.lua reads it
-        starts = PeriodStarts.at(now)
-        spent = counters.get(
-            {"daily": f"d:{starts.day}", "monthly": f"m:{starts.month}"}.get(period, "total"), 0
-        )
+        now = self._clock() if self._clock else int(redis_time[0]) + int(redis_time[1]) / 1e6
+        period = meta.get("budget_period") or "monthly"  # as the scripts read it
+        start, end = period_bounds(period, now)
+        field_name = "total"
+        if start is not None:
+            field_name = f"{period[0]}:{int(start.timestamp())}"
+        spent = counters.get(field_name, 0)
         held = counters.get("held", 0)
         budget = int(meta["budget_micro"]) if meta.get("budget_micro") else None
-        start, end = period_bounds(period, now)
         rpm = meta.get("rpm") or self.settings.default_rpm
         max_concurrent = meta.get("max_concurrent") or self.settings.default_max_concurrent
         return {

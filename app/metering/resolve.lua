@@ -1,26 +1,26 @@
 -- Resolve a hold exactly once: settle it (charge min(actual, hold), release the rest) or
--- release it whole. Whoever finds the hold first wins; a later call (the request path racing a
--- sweeper, or a retried call) finds it gone and gets the recorded outcome back instead.
+-- release it whole. Whoever finds the hold first wins; a later call (the request path racing
+-- the resolver, or a retried call) finds it gone and gets the recorded outcome back from the
+-- request record instead.
 --
--- KEYS: 1 meta, 2 inflight, 3 budget, 4 holds, 5 ledger   (all under {k:<id>})
+-- KEYS: 1 meta, 2 inflight, 3 budget, 4 holds, 5 ledger, 6 leases, 7 request record
+--       (all under {k:<id>})
 -- ARGV: 1 key_id, 2 request_id, 3 now_us ('' = Redis TIME), 4 'settle'|'release',
 --       5 actual amount ('' = the hold amount), 6 actual pixels ('' = the hold's pixels),
---       7 reason, 8 day_start, 9 month_start (of now, epoch s), 10 acting process id
+--       7 reason, 8 acting process id, 9 images JSON ('' = none), 10 seed ('' = none),
+--       11 request record ttl ms, 12 outcome of a release: 'failed'|'cancelled'
 --
 -- Replies:
 --   {'ok', charged, released, remaining (-1 = unlimited), already (0 = resolved now,
 --    1 = resolved earlier: charged/released are what was recorded then)}
---   {'missing', remaining}  no such hold, and no trace of it in the recent ledger
+--   {'missing', remaining}  no such hold was ever admitted; a release leaves a tombstone so
+--                           that an admission still on its way for this id is refused
 
-local meta_key, inflight_key, budget_key, holds_key, ledger_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local meta_key, inflight_key, budget_key, holds_key, ledger_key, leases_key, record_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key_id, request_id, mode = ARGV[1], ARGV[2], ARGV[4]
-
-local now_us = tonumber(ARGV[3])
-if not now_us then
-  local t = redis.call('TIME')
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now_us = redis_now_us(ARGV[3])
+local now_ms = ms_of(now_us)
 
 local function remaining_budget()
   local meta = redis.call('HMGET', meta_key, 'budget_micro', 'budget_period')
@@ -28,13 +28,9 @@ local function remaining_budget()
   if not budget then
     return -1
   end
-  local field = 'total'
-  if meta[2] == 'daily' then
-    field = 'd:' .. ARGV[8]
-  elseif meta[2] == 'monthly' then
-    field = 'm:' .. ARGV[9]
-  end
-  local state = redis.call('HMGET', budget_key, field, 'held')
+  local day_start, month_start = period_starts(now_us)
+  local state = redis.call('HMGET', budget_key, period_field(meta[2], day_start, month_start),
+    'held')
   local left = budget - (tonumber(state[1]) or 0) - (tonumber(state[2]) or 0)
   if left < 0 then
     left = 0
@@ -44,22 +40,16 @@ end
 
 local raw = redis.call('HGET', holds_key, request_id)
 if not raw then
-  -- Look for how it was resolved among the newest ledger entries.
-  local entries = redis.call('XREVRANGE', ledger_key, '+', '-', 'COUNT', 500)
-  for _, entry in ipairs(entries) do
-    local f = {}
-    local kv = entry[2]
-    for i = 1, #kv, 2 do
-      f[kv[i]] = kv[i + 1]
-    end
-    if f.request_id == request_id then
-      if f.event == 'settle' then
-        return {'ok', tonumber(f.amount_micro), tonumber(f.released_micro) or 0,
-          remaining_budget(), 1}
-      elseif f.event == 'release' then
-        return {'ok', 0, tonumber(f.amount_micro), remaining_budget(), 1}
-      end
-    end
+  redis.call('ZREM', leases_key, request_id)
+  local rec = redis.call('HMGET', record_key, 'status', 'charged_micro', 'released_micro')
+  if rec[1] == 'completed' or rec[1] == 'failed' or rec[1] == 'cancelled' then
+    return {'ok', tonumber(rec[2]) or 0, tonumber(rec[3]) or 0, remaining_budget(), 1}
+  end
+  if mode == 'release' and not rec[1] then
+    redis.call('HSET', record_key, 'status', 'failed', 'state', 'released', 'key_id', key_id,
+      'reason', ARGV[7], 'charged_micro', '0', 'released_micro', '0',
+      'created_ms', fmt(now_ms), 'resolved_ms', fmt(now_ms))
+    redis.call('PEXPIRE', record_key, ARGV[11])
   end
   return {'missing', remaining_budget()}
 end
@@ -84,6 +74,7 @@ local released = held - charged
 
 redis.call('HDEL', holds_key, request_id)
 redis.call('HDEL', inflight_key, request_id)
+redis.call('ZREM', leases_key, request_id)
 redis.call('HINCRBY', budget_key, 'held', -held)
 if charged > 0 then
   -- Charged to the periods the hold was placed in: a hold placed at 23:59 belongs to that day.
@@ -94,7 +85,7 @@ end
 
 -- Drop per-day/month counters older than ~400 days once there are many; the ledger keeps all.
 if redis.call('HLEN', budget_key) > 64 then
-  local cutoff = tonumber(ARGV[8]) - 400 * 86400
+  local cutoff = math.floor(now_us / 1000000) - 400 * 86400
   for _, name in ipairs(redis.call('HKEYS', budget_key)) do
     local start = tonumber(string.sub(name, 3))
     if start and start < cutoff then
@@ -102,6 +93,21 @@ if redis.call('HLEN', budget_key) > 64 then
     end
   end
 end
+
+local remaining = remaining_budget()
+local status = 'completed'
+if mode ~= 'settle' then
+  status = ARGV[12]
+  if status ~= 'cancelled' then
+    status = 'failed'
+  end
+end
+redis.call('HSET', record_key, 'status', status, 'state', mode == 'settle' and 'settled'
+  or 'released', 'upstream', hold.upstream or '', 'charged_micro', string.format('%d', charged),
+  'released_micro', string.format('%d', released), 'pixels', pixels, 'reason', ARGV[7],
+  'images', ARGV[9], 'seed', ARGV[10], 'remaining_micro', string.format('%d', remaining),
+  'resolved_ms', fmt(now_ms))
+redis.call('PEXPIRE', record_key, ARGV[11])
 
 local entry = {'event', mode, 'key_id', key_id, 'request_id', request_id,
   'upstream_request_id', hold.upstream or '', 'model', hold.model,
@@ -120,8 +126,8 @@ table.insert(entry, hold.amount)
 table.insert(entry, 'reason')
 table.insert(entry, ARGV[7])
 table.insert(entry, 'ts_ms')
-table.insert(entry, string.format('%.0f', math.floor(now_us / 1000)))
+table.insert(entry, fmt(now_ms))
 table.insert(entry, 'process_id')
-table.insert(entry, ARGV[10])
+table.insert(entry, ARGV[8])
 redis.call('XADD', ledger_key, '*', unpack(entry))
-return {'ok', charged, released, remaining_budget(), 0}
+return {'ok', charged, released, remaining, 0}

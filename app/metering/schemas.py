@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -49,3 +51,32 @@ class UsageReport(BaseModel):
     to: str | None = Field(description="Exclusive, ISO 8601 UTC.")
     rows: list[UsageRow]
     total: UsageTotals
+
+
+class RequestImage(BaseModel):
+    url: str
+    width: int | None
+    height: int | None
+    content_type: str | None
+
+
+class RequestCost(BaseModel):
+    amount_usd: str = Field(examples=["0.011797"])
+    megapixels: float = Field(examples=[0.786432])
+
+
+class RequestStatus(BaseModel):
+    """One of the calling key's requests, as the ledger knows it (SPEC section 10)."""
+
+    request_id: str = Field(examples=["req_4b2f0c6a9d8e4f1a8c3b2a1f0e9d8c7b"])
+    status: Literal["pending", "completed", "failed", "cancelled", "unresolved"] = Field(
+        description="pending: still running; unresolved: fal accepted it and the gateway is "
+        "asking fal for the outcome; completed: settled; failed/cancelled: released, charged "
+        "nothing."
+    )
+    operation: str = Field(examples=["generate"])
+    model: str = Field(examples=["fal-ai/flux/dev"])
+    cost: RequestCost | None = Field(description="What was charged, once known.")
+    images: list[RequestImage] | None = Field(description="What fal produced, once known.")
+    upstream_request_id: str | None = Field(description="fal's request id, once fal took it.")
+    created_at: str = Field(examples=["2026-12-01T12:00:00.000Z"])

@@ -1,23 +1,21 @@
-"""Resolve the holds of crashed gateway processes, and free their in-flight slots.
+"""The resolver: settles or releases every hold whose request is no longer alive to do it.
 
-Every gateway process keeps a lease ``falgate:proc:<process id>`` (TTL
-``FALGATE_PROCESS_LEASE_S``, renewed several times per lease). Holds and in-flight slots
-record the process that placed them. Every ``FALGATE_SWEEPER_INTERVAL_S`` each process's sweeper
-looks for holds whose process has no lease any more, claims each one (``claim.lua``) and:
+Every open hold has a lease (``{k:<id>}:leases``, Redis clock) that its live request renews
+(``app.metering.leases``). Every ``FALGATE_SWEEPER_INTERVAL_S`` each process's resolver takes
+the holds whose lease ran out (a crashed process's, or ones the request path marked
+``unresolved``), claims each one (``claim.lua``) and:
 
-- fal's request id is unknown (the process died before fal accepted the job) -> release;
-- fal says the job is still queued or running -> leave it for a later sweep;
+- fal's request id is unknown (fal never accepted the job, or the process died before it
+  could record the id) -> release;
+- fal says the job is still queued or running -> look again shortly;
 - fal says it completed -> settle from the sizes of the images fal returned (at the hold amount
-  when an image lacks its size, as upscalers' results do);
-- fal says it failed, or does not know it -> release.
+  where an image lacks its size, as upscalers' results do);
+- fal says it failed or was cancelled without output, or does not know the id -> release.
 
-Holds of live processes are treated the same way once they are older than any request can
-live (queue timeout + request timeout + a lease + a minute): their settle or release was lost,
-e.g. because Redis was unreachable at that moment. After this process could not reach Redis,
-it waits a full lease before sweeping, so live processes have renewed their leases first.
-
-Any number of processes may sweep at once: the claim keeps them from duplicating work, and
-``resolve.lua`` acts only while the hold exists, so nothing is resolved twice.
+Any number of processes may resolve at once: the claim keeps them from duplicating work, and
+``resolve.lua`` acts only while the hold exists, so nothing is resolved twice. The process
+lease (``falgate:proc:<id>``) that this loop also renews tells idempotent retries whether the
+process running a first attempt is alive.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import contextlib
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,7 +57,7 @@ class SweepReport:
 
 
 class Sweeper:
-    """This process's lease heartbeat plus the loop that resolves dead processes' holds."""
+    """This process's lease heartbeat plus the loop that resolves abandoned holds."""
 
     def __init__(
         self, redis: Any, settings: Settings, process_id: str, upstream: OutcomeSource
@@ -71,18 +68,9 @@ class Sweeper:
         self.upstream = upstream
         self.meter = Meter(redis, settings, process_id)
         self.lease_ms = max(1000, int(settings.process_lease_s * 1000))
-        # No request lives longer than this: a hold this old is orphaned even if its process
-        # is alive (e.g. its settle failed while Redis was unreachable).
-        self.max_hold_age_ms = int(
-            (
-                settings.upstream_queue_timeout_s
-                + settings.upstream_request_timeout_s
-                + settings.process_lease_s
-                + 60
-            )
-            * 1000
-        )
-        self._claim = LuaScript(redis, __package__, "claim.lua")
+        # How long a claim lasts: the time one resolver has to ask fal before another may.
+        self.claim_ms = max(1000, int(settings.sweeper_interval_s * 2000))
+        self._claim = LuaScript(redis, __package__, "claim.lua", prelude=("clock.lua",))
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -98,11 +86,11 @@ class Sweeper:
         try:
             await self.heartbeat()
         except Unavailable:
-            log.warning("Redis unreachable at startup; the sweeper will keep trying")
-        self._task = asyncio.create_task(self.run(), name=f"sweeper-{self.process_id}")
+            log.warning("Redis unreachable at startup; the resolver will keep trying")
+        self._task = asyncio.create_task(self.run(), name=f"resolver-{self.process_id}")
 
     async def stop(self) -> None:
-        """Stop the loop and give up the lease, so others resolve anything left at once."""
+        """Stop the loop and give up the lease."""
         self._stopped = True
         task, self._task = self._task, None
         if task is not None:
@@ -111,28 +99,24 @@ class Sweeper:
             # timeout) must not hang shutdown; the loop also checks ``_stopped``.
             done, _ = await asyncio.wait({task}, timeout=_STOP_TIMEOUT_S)
             if not done:
-                log.warning("the sweeper loop did not stop within %ss", _STOP_TIMEOUT_S)
+                log.warning("the resolver loop did not stop within %ss", _STOP_TIMEOUT_S)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 self.redis.delete(keyspace.process_lease(self.process_id)), _STOP_TIMEOUT_S
             )
 
     async def run(self) -> None:
-        """Heartbeat every third of a lease; sweep every ``sweeper_interval_s`` (jittered)."""
+        """Heartbeat every third of a lease; resolve every ``sweeper_interval_s`` (jittered)."""
         loop = asyncio.get_running_loop()
         beat_every = self.lease_ms / 3000
         next_sweep = loop.time() + self.settings.sweeper_interval_s * random.random()
-        # After Redis was unreachable every lease may have run out, live processes' too: give
-        # them a full lease to renew before treating anyone as dead.
-        sweep_not_before = loop.time()
+        next_beat = loop.time()
         while not self._stopped:
             try:
-                try:
+                if loop.time() >= next_beat:
                     await self.heartbeat()
-                except Unavailable:
-                    sweep_not_before = loop.time() + self.lease_ms / 1000
-                    raise
-                if loop.time() >= max(next_sweep, sweep_not_before):
+                    next_beat = loop.time() + beat_every
+                if loop.time() >= next_sweep:
                     await self.sweep_once()
                     next_sweep = loop.time() + self.settings.sweeper_interval_s * (
                         0.75 + random.random() / 2
@@ -142,13 +126,13 @@ class Sweeper:
             except Unavailable:
                 pass  # Redis down: retry on the next tick
             except Exception:
-                log.exception("sweep failed")
-            await asyncio.sleep(max(0.01, min(beat_every, next_sweep - loop.time())))
+                log.exception("resolving holds failed")
+            await asyncio.sleep(max(0.01, min(next_beat, next_sweep) - loop.time()))
 
-    # --- sweeping ----------------------------------------------------------------------
+    # --- resolving ---------------------------------------------------------------------
 
     async def sweep_once(self) -> SweepReport:
-        """One pass over every key's holds and in-flight slots."""
+        """One pass: every hold whose lease ran out, on every key."""
         report = SweepReport()
         with store_errors():
             key_ids = sorted({text(k) async for k in self.redis.sscan_iter(keyspace.KEY_IDS)})
@@ -158,75 +142,20 @@ class Sweeper:
 
     async def _sweep_keys(self, key_ids: list[str], report: SweepReport) -> None:
         with store_errors():
+            seconds, micros = await self.redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key_id in key_ids:
-                    pipe.hgetall(keyspace.holds(key_id))
-                    pipe.hgetall(keyspace.inflight(key_id))
+                    pipe.zrangebyscore(keyspace.leases(key_id), "-inf", now_ms, 0, _BATCH)
                 replies = await pipe.execute()
-        holds: dict[str, dict[str, dict[str, str]]] = {}
-        slots: dict[str, dict[str, str]] = {}
-        for i, key_id in enumerate(key_ids):
-            raw_holds, raw_slots = replies[2 * i], replies[2 * i + 1]
-            if raw_holds:
-                holds[key_id] = {text(k): json.loads(text(v)) for k, v in raw_holds.items()}
-            if raw_slots:
-                slots[key_id] = {text(k): text(v) for k, v in raw_slots.items()}
-        owners = {h["process"] for per_key in holds.values() for h in per_key.values()}
-        owners |= {p for per_key in slots.values() for p in per_key.values()}
-        dead = await self._dead(owners - {self.process_id})
+        for key_id, due in zip(key_ids, replies, strict=True):
+            for request_id in due:
+                await self._resolve(key_id, text(request_id), report)
 
-        stale = [
-            (key_id, rid)
-            for key_id, per_key in slots.items()
-            for rid, process in per_key.items()
-            if process in dead
-        ]
-        if stale:
-            with store_errors():
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key_id, rid in stale:
-                        pipe.hdel(keyspace.inflight(key_id), rid)
-                    report.slots_freed += sum(await pipe.execute())
-
-        too_old = time.time() * 1000 - self.max_hold_age_ms
-        for key_id, per_key in holds.items():
-            for rid, hold in per_key.items():
-                if hold["process"] in dead:
-                    await self._resolve_orphan(key_id, rid, hold, self.lease_ms, report)
-                elif int(hold["created_ms"]) < too_old:
-                    await self._resolve_orphan(key_id, rid, hold, self.max_hold_age_ms, report)
-
-    async def _dead(self, processes: set[str]) -> set[str]:
-        if not processes:
-            return set()
-        ordered = sorted(processes)
-        with store_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for process in ordered:
-                    pipe.exists(keyspace.process_lease(process))
-                alive = await pipe.execute()
-        return {p for p, exists in zip(ordered, alive, strict=True) if not exists}
-
-    async def _unclaim(self, key_id: str, request_id: str, process: str) -> None:
-        """Give the claim up so the next sweep (by any process) asks fal again."""
-        with store_errors():
-            await self._claim(
-                [keyspace.holds(key_id)], [request_id, self.process_id, 0, self.lease_ms, process]
-            )
-
-    async def _resolve_orphan(
-        self,
-        key_id: str,
-        request_id: str,
-        seen: dict[str, str],
-        min_age_ms: int,
-        report: SweepReport,
-    ) -> None:
-        process = seen["process"]
+    async def _resolve(self, key_id: str, request_id: str, report: SweepReport) -> None:
         with store_errors():
             raw = await self._claim(
-                [keyspace.holds(key_id)],
-                [request_id, self.process_id, self.lease_ms, min_age_ms, process],
+                [keyspace.holds(key_id), keyspace.leases(key_id)], [request_id, self.claim_ms]
             )
         if not raw:
             return
@@ -234,7 +163,7 @@ class Sweeper:
         upstream_id = hold.get("upstream") or ""
         if not upstream_id:
             released = await self.meter.resolve_hold(
-                key_id, request_id, settle=False, reason="orphaned"
+                key_id, request_id, settle=False, reason="abandoned"
             )
             if not released.already_resolved:
                 report.released.append(request_id)
@@ -243,23 +172,28 @@ class Sweeper:
             outcome = await self.upstream.outcome(hold["endpoint"], upstream_id)
         except FalgateError as exc:
             log.warning("could not ask fal about %s (%s); will retry", upstream_id, exc.message)
-            await self._unclaim(key_id, request_id, process)
             report.pending.append(request_id)
             return
         if outcome.state is OutcomeState.PENDING:
-            await self._unclaim(key_id, request_id, process)
             report.pending.append(request_id)
             return
-        if outcome.state is OutcomeState.COMPLETED:
+        if outcome.state is OutcomeState.COMPLETED and outcome.result is not None:
             amount, pixels = _billed(outcome, int(hold["unit_price"]))
             settlement = await self.meter.resolve_hold(
-                key_id, request_id, settle=True, amount=amount, pixels=pixels, reason="swept"
+                key_id,
+                request_id,
+                settle=True,
+                amount=amount,
+                pixels=pixels,
+                reason="resolved",
+                images=outcome.result.images,
+                seed=outcome.result.seed,
             )
             if not settlement.already_resolved:
                 report.settled.append(request_id)
             return
         released = await self.meter.resolve_hold(
-            key_id, request_id, settle=False, reason=f"orphaned_{outcome.state.value}"
+            key_id, request_id, settle=False, reason=f"resolved_{outcome.state.value}"
         )
         if not released.already_resolved:
             report.released.append(request_id)

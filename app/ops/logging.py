@@ -47,9 +47,10 @@ from app.settings import Settings
 access_log = logging.getLogger("falgate.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
-# A client's own request id is kept when it is a short plain token; anything else is replaced.
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-_KEY_PREFIX = "fgk_"
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
+# A client's own correlation id (SPEC section 10): at most 128 printable ASCII characters. It
+# is echoed and logged, never an id of state: every id that keys state is the gateway's own.
+_CLIENT_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra=``.
 _RECORD_ATTRS = frozenset(
@@ -71,11 +72,13 @@ def new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-def accept_request_id(value: str | None) -> str:
-    """The client's ``X-Request-Id`` if it is a sane short token, else a fresh ``req_<hex>``."""
-    if value and _SANE_REQUEST_ID.fullmatch(value) and not value.startswith(_KEY_PREFIX):
-        return value
-    return new_request_id()
+def client_request_id(value: str | None) -> str | None:
+    """The client's ``X-Request-Id`` when valid; raises ``ValueError`` when it is not."""
+    if value is None:
+        return None
+    if not _CLIENT_REQUEST_ID.fullmatch(value):
+        raise ValueError(value)
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -197,6 +200,35 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _invalid_client_request_id(request_id: str) -> ASGIApp:
+    """The 400 for an ``X-Request-Id`` that is not 1..128 printable ASCII characters."""
+    body = json.dumps(
+        {
+            "error": {
+                "type": "invalid_request",
+                "message": "X-Request-Id must be 1..128 printable ASCII characters.",
+                "param": "X-Request-Id",
+                "request_id": request_id,
+            }
+        }
+    ).encode()
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return answer
+
+
 class RequestContextMiddleware:
     """Request id, ``X-Request-Id`` response header, request metrics and the access line.
 
@@ -215,11 +247,19 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        request_id = accept_request_id(_header(scope, b"x-request-id"))
+        request_id = new_request_id()
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500  # unless a response starts
         started = time.perf_counter()
+        try:
+            client_id = client_request_id(_header(scope, b"x-request-id"))
+        except ValueError:
+            client_id = None
+            app: ASGIApp = _invalid_client_request_id(request_id)
+        else:
+            app = self.app
+        state["client_request_id"] = client_id
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -228,6 +268,8 @@ class RequestContextMiddleware:
                 headers = MutableHeaders(scope=message)
                 if REQUEST_ID_HEADER not in headers:
                     headers.append(REQUEST_ID_HEADER, request_id)
+                if client_id is not None:
+                    headers.append(CLIENT_REQUEST_ID_HEADER, client_id)
             await send(message)
 
         if self.metrics is None and "app" in scope:
@@ -235,7 +277,7 @@ class RequestContextMiddleware:
         token = bind_metrics(self.metrics) if self.metrics is not None else None
         rid_token = _current_request_id.set(request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await app(scope, receive, send_with_id)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled: the client or the server went away
                 status = 499
@@ -270,6 +312,7 @@ class RequestContextMiddleware:
             "model": model,
             "cost_usd": format_usd(cost) if isinstance(cost, int) else None,
             "upstream_request_id": state.get("upstream_request_id"),
+            "client_request_id": state.get("client_request_id"),
             "client": scope["client"][0] if scope.get("client") else None,
         }
         if self.log_prompts and state.get("prompt") is not None:

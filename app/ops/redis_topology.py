@@ -156,12 +156,22 @@ def redis_from_url(url: str, settings: Settings) -> aioredis.Redis | aioredis.Re
     target = parse_topology_url(url)
     common = _connection_kwargs(settings)
     if target is None:
-        return aioredis.Redis.from_url(url, **common)
+        # A request waits (up to ``redis_pool_timeout_s``) for a free connection rather than
+        # failing when a burst has them all busy: a busy pool is not an outage.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_pool_timeout_s,
+            **common,
+        )
+        return aioredis.Redis(connection_pool=pool)
     tls = _tls_kwargs(target)
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
+        # redis-py's cluster client has no waiting pool: the cap per node is a hard limit.
         return aioredis.RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            max_connections=settings.redis_max_connections,
             **auth,
             **common,
             **tls,
@@ -177,6 +187,11 @@ def redis_from_url(url: str, settings: Settings) -> aioredis.Redis | aioredis.Re
     sentinel = Sentinel(target.nodes, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     assert target.service_name is not None
     client: aioredis.Redis = sentinel.master_for(
-        target.service_name, db=target.db, **auth, **common, **tls
+        target.service_name,
+        db=target.db,
+        max_connections=settings.redis_max_connections,
+        **auth,
+        **common,
+        **tls,
     )
     return client

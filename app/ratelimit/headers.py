@@ -9,8 +9,9 @@ def rate_limit_headers(
 ) -> dict[str, str]:
     """Headers describing the key's per-minute quota.
 
-    ``reset_s`` is the number of seconds until the whole allowance is available again. A key
-    without a per-minute limit (``limit <= 0``) gets no ``RateLimit-*`` headers.
+    ``reset_s`` is the number of seconds until ``RateLimit-Remaining`` goes up by one (0 at the
+    full allowance); on a refusal it equals ``Retry-After``. A key without a per-minute limit
+    (``limit <= 0``) gets no ``RateLimit-*`` headers.
     """
     headers: dict[str, str] = {}
     if limit > 0:

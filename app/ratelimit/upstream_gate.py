@@ -82,6 +82,10 @@ class UpstreamGate:
         """:meth:`release` as a script call, to run together with the settle script."""
         return self._script.call(GATE_KEYS, ["release", self.capacity, self.lease_ms, request_id])
 
+    def renew_call(self, request_ids: list[str]) -> ScriptCall:
+        """Renew these held slots' leases (the lease keeper batches every live request)."""
+        return self._script.call(GATE_KEYS, ["renew", self.capacity, self.lease_ms, *request_ids])
+
     @staticmethod
     def granted(reply: Any) -> bool:
         """Whether an acquire reply (or the error it was) granted the slot."""

@@ -8,9 +8,10 @@ Every failure leaves here as one of the gateway's own errors (SPEC section 6):
 - our deadline, fal 504, read timeouts            -> ``UpstreamTimeout``
 
 Connect errors, 429, 502, 503 and 504 are retried with exponential backoff, except a 504 that
-fal marks ``X-Fal-Request-Timeout-Type: user`` (our own start deadline). Other transport errors
-are retried only for requests that are safe to repeat: re-sending a submit or a sync run that
-may have reached fal could generate (and bill) twice.
+fal marks ``X-Fal-Request-Timeout-Type: user`` (our own start deadline). Other transport errors,
+read timeouts and 500s are retried only for requests that are safe to repeat (status, result,
+cancel): re-sending a submit or a sync run that may have reached fal could generate (and bill)
+twice. Once fal accepted a job, a call that gives up tells fal to cancel it first.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from app.upstream.types import (
 log = logging.getLogger("falgate.upstream")
 
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# A status or result call repeats nothing: a 500 there is retried too, as are read timeouts.
+_RETRY_STATUSES_REPEATABLE = _RETRY_STATUSES | {500}
 _VALIDATION_STATUSES = frozenset({400, 404, 422})
 _NAMESPACES = ("workflows", "comfy")
 _MAX_BACKOFF_S = 10.0
@@ -287,7 +290,9 @@ class FalClient:
             if submitted:
                 await asyncio.shield(self._cancel_quietly(call.endpoint, submitted[0]))
             raise UpstreamTimeout(f"fal did not finish within {deadline:g}s.") from exc
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, FalgateError):
+            # Given up (client gone, status or result unavailable): fal must not go on working
+            # for nobody. What it did anyway is billed from its answer by the resolver.
             if submitted:
                 await asyncio.shield(self._cancel_quietly(call.endpoint, submitted[0]))
             raise
@@ -453,17 +458,16 @@ class FalClient:
                     raise UpstreamError("fal is unreachable.") from exc
                 failure: httpx.Response | None = None
             except httpx.TimeoutException as exc:
-                raise UpstreamTimeout(f"fal did not answer in time ({phase}).") from exc
+                if last or not repeatable:
+                    raise UpstreamTimeout(f"fal did not answer in time ({phase}).") from exc
+                failure = None
             except httpx.TransportError as exc:
                 if last or not repeatable:
                     raise UpstreamError(f"The connection to fal failed ({phase}).") from exc
                 failure = None
             else:
-                if (
-                    response.status_code not in _RETRY_STATUSES
-                    or _is_user_timeout(response)
-                    or last
-                ):
+                retry_on = _RETRY_STATUSES_REPEATABLE if repeatable else _RETRY_STATUSES
+                if response.status_code not in retry_on or _is_user_timeout(response) or last:
                     return response
                 failure = response
             delay = self._backoff(attempt, failure)

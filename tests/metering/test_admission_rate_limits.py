@@ -70,7 +70,7 @@ async def test_gcra_allows_the_burst_then_the_smooth_rate(
         "Retry-After": "1",
         "RateLimit-Limit": "60",
         "RateLimit-Remaining": "0",
-        "RateLimit-Reset": "60",
+        "RateLimit-Reset": "1",  # = Retry-After: one more is allowed then
     }
 
     clock.now += 0.5  # half an emission interval: nothing yet

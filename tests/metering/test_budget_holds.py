@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.errors import BudgetExceeded, Unauthorized
+from app.errors import BudgetExceeded, Unauthorized, Unavailable
 from app.metering import Meter
 
 
@@ -159,11 +159,39 @@ async def test_unlimited_key_has_no_remaining(meter: Meter, make_key: Any, price
     assert usage["spent_usd"] == "0.000005"
 
 
-async def test_admit_retried_with_the_same_request_id_holds_once(
+async def test_a_request_id_is_admitted_once_and_never_after_its_release(
     meter: Meter, make_key: Any, price: Any
 ) -> None:
     await make_key("key_a", budget_micro=100_000)
-    await admit(meter, "key_a", "req_1", 30_000, price)
-    again = await admit(meter, "key_a", "req_1", 30_000, price)
-    assert again.remaining == 70_000
+    first = await admit(meter, "key_a", "req_1", 30_000, price)
+    with pytest.raises(Unavailable):
+        await admit(meter, "key_a", "req_1", 30_000, price)
     assert (await meter.usage("key_a"))["held_usd"] == "0.030000"
+    await meter.release(first, "failed")
+    with pytest.raises(Unavailable):
+        await admit(meter, "key_a", "req_1", 30_000, price)
+    assert (await meter.usage("key_a"))["held_usd"] == "0.000000"
+
+
+async def test_a_release_that_overtakes_its_admission_leaves_a_tombstone(
+    meter: Meter, make_key: Any, price: Any
+) -> None:
+    """The gateway lost an admission's reply and released the id before the script ran: the
+    late admission is refused, so the client's '503 nothing was charged' stays true."""
+    await make_key("key_a", budget_micro=100_000)
+    await meter.resolve_hold("key_a", "req_lost", settle=False, reason="admission_lost")
+    with pytest.raises(Unavailable):
+        await admit(meter, "key_a", "req_lost", 30_000, price)
+    usage = await meter.usage("key_a")
+    assert (usage["held_usd"], usage["in_flight"]) == ("0.000000", 0)
+
+
+async def test_a_repeated_settle_reports_the_recorded_cost(
+    meter: Meter, make_key: Any, price: Any
+) -> None:
+    await make_key("key_a", budget_micro=100_000)
+    admission = await admit(meter, "key_a", "req_1", 30_000, price)
+    first = await meter.settle(admission, price(12_345))
+    again = await meter.settle(admission, price(20_000))
+    assert (first.charged, first.already_resolved) == (12_345, False)
+    assert (again.charged, again.released, again.already_resolved) == (12_345, 17_655, True)

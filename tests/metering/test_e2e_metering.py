@@ -123,7 +123,7 @@ async def test_sigkilled_gateway_is_billed_for_what_fal_produced(
     assert settles.keys() == produced.keys()
     for fal_id, job in produced.items():
         assert settles[fal_id]["amount_micro"] == cost_of(job["pixels"])
-        assert settles[fal_id]["reason"] == "swept"
+        assert settles[fal_id]["reason"] == "resolved"
     total = sum(cost_of(job["pixels"]) for job in produced.values())
     assert (await usage(pair[0], key))["spent_usd"] == f"{total / 1_000_000:.6f}"
 
