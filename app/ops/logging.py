@@ -202,7 +202,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _invalid_client_request_id(request_id: str) -> ASGIApp:
     """The 400 for an ``X-Request-Id`` that is not 1..128 printable ASCII characters."""
-    body = json.dumps(
+    body = fastjson.dumps(
         {
             "error": {
                 "type": "invalid_request",
@@ -211,7 +211,7 @@ def _invalid_client_request_id(request_id: str) -> ASGIApp:
                 "request_id": request_id,
             }
         }
-    ).encode()
+    )
 
     async def answer(scope: Scope, receive: Receive, send: Send) -> None:
         await send(
