@@ -116,6 +116,27 @@ class Job:
     cancel_requested: bool = False
     task: asyncio.Task[None] | None = None
     queue_seq: int = -1
+    watchers: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def changed(self) -> None:
+        """Wake whoever waits for this job's status to move (the status streams)."""
+        watchers, self.watchers = self.watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    async def wait_change(self, timeout_s: float) -> bool:
+        """Until the status moves (True) or ``timeout_s`` passes (False)."""
+        watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.watchers.append(watcher)
+        try:
+            await asyncio.wait_for(watcher, timeout_s)
+        except TimeoutError:
+            return False
+        finally:
+            if watcher in self.watchers:
+                self.watchers.remove(watcher)
+        return True
 
     @property
     def request_url(self) -> str:
@@ -263,6 +284,7 @@ class SandboxState:
             self._leave_queue(job)
         job.state = "IN_PROGRESS"
         job.started_at = time.time()
+        job.changed()
 
     def finish(self, job: Job, outcome: Outcome, response: FalResponse) -> None:
         if job.outcome is not None:
@@ -276,6 +298,7 @@ class SandboxState:
         job.log(f"Request {outcome}.", "INFO" if outcome == "completed" else "ERROR")
         if job.request_id in self.jobs:
             self._finished.append(job.request_id)
+        job.changed()
 
     # --- fal's account concurrency ----------------------------------------
     async def acquire_slot(self) -> None:
