@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.catalog import Catalog
 from app.errors import Unauthorized, Unavailable
@@ -14,11 +13,19 @@ from app.keys.service import ApiKey, KeyService
 from app.redis import REDIS_ERRORS
 from app.settings import Settings
 
-# Declared for the OpenAPI document (generated clients learn the schemes); parsed by hand
-# below because ``Authorization: Key <key>`` is not a scheme FastAPI knows.
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` or `Key <key>`")
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
-_admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken")
+# The credentials are parsed by hand below (``Authorization: Key <key>`` is not a scheme
+# FastAPI knows), and the schemes are written into the OpenAPI document by
+# :func:`document_security` rather than declared as FastAPI security dependencies: those are
+# solved (and the header parsed again) on every request just to be documented (issue 15).
+SECURITY_SCHEMES: dict[str, dict[str, str]] = {
+    "HTTPBearer": {
+        "type": "http",
+        "description": "`Authorization: Bearer <key>` or `Key <key>`",
+        "scheme": "bearer",
+    },
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "AdminToken": {"type": "http", "scheme": "bearer"},
+}
 
 
 # The accessors below are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in
@@ -51,11 +58,7 @@ def presented_key(request: Request) -> str | None:
     return api_key.strip() if api_key else None
 
 
-async def current_key(
-    request: Request,
-    _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    _k: Annotated[str | None, Depends(_api_key_header)],
-) -> ApiKey:
+async def current_key(request: Request) -> ApiKey:
     plaintext = presented_key(request)
     if not plaintext:
         raise Unauthorized(
@@ -72,10 +75,7 @@ async def current_key(
     return key
 
 
-async def require_admin(
-    request: Request,
-    _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
-) -> None:
+async def require_admin(request: Request) -> None:
     expected: str = request.app.state.admin_token
     header = request.headers.get("authorization", "")
     scheme, _, value = header.strip().partition(" ")
@@ -90,3 +90,23 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 KeysDep = Annotated[KeyService, Depends(get_keys)]
 AdminDep = Depends(require_admin)
+
+
+#: Which credentials each part of the API takes: every ``/v1`` route depends on
+#: :func:`current_key`, every ``/admin`` route on :func:`require_admin` (tests/api check both).
+_SECURITY_BY_PREFIX: tuple[tuple[str, list[dict[str, list[str]]]], ...] = (
+    ("/v1/", [{"HTTPBearer": []}, {"APIKeyHeader": []}]),
+    ("/admin/", [{"AdminToken": []}]),
+)
+
+
+def document_security(schema: dict[str, Any]) -> None:
+    """Add the security schemes, and each operation's requirement, to an OpenAPI document."""
+    for path, item in schema.get("paths", {}).items():
+        requirement = next((r for p, r in _SECURITY_BY_PREFIX if path.startswith(p)), None)
+        if requirement is None:
+            continue
+        for operation in item.values():
+            if isinstance(operation, dict):
+                operation["security"] = requirement
+    schema.setdefault("components", {})["securitySchemes"] = dict(SECURITY_SCHEMES)

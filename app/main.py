@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
+from app.deps import document_security
 from app.errors import add_exception_handlers
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
@@ -273,6 +274,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             for operation in item.values():
                 if isinstance(operation, dict):
                     operation.get("responses", {}).pop("422", None)
+        document_security(schema)
         schemas = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)

@@ -100,3 +100,26 @@ def test_openapi_document(gateway: Gateway) -> None:
     assert {"GenerateRequest", "GenerateResponse", "ErrorEnvelope", "PriceResponse"} <= set(schemas)
     assert schemas["GenerateRequest"]["additionalProperties"] is False
     assert schemas["GenerateRequest"].get("examples")
+
+
+def test_documented_security_is_what_each_route_enforces(gateway: Gateway) -> None:
+    """The schemes are written into the document by path (not solved per request as FastAPI
+    security dependencies): every operation that says it needs credentials refuses without."""
+    doc = httpx.get(gateway.url + "/openapi.json").json()
+    assert set(doc["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader", "AdminToken"}
+    secured = 0
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            names = {name for option in op.get("security", []) for name in option}
+            url = gateway.url + path.replace("{model_id}", "fal-ai/flux/dev").replace(
+                "{key_id}", "key_x"
+            ).replace("{request_id}", "req_x")
+            if names:
+                secured += 1
+                response = httpx.request(method.upper(), url, json={})
+                assert response.status_code == 401, (method, path, response.status_code)
+                assert names == ({"AdminToken"} if path.startswith("/admin/") else
+                                 {"HTTPBearer", "APIKeyHeader"})  # fmt: skip
+            else:
+                assert not path.startswith(("/v1/", "/admin/")), (method, path)
+    assert secured >= 18
