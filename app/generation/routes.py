@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -85,29 +84,33 @@ def _price_body(job: service.Job) -> PriceResponse:
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``, cancelling it if the client goes away (so fal's job is cancelled too)."""
-    task = asyncio.ensure_future(work)
+    """Run ``work``, cancelling it if the client goes away (so fal's job is cancelled too).
 
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
+    The work runs inline in the request's own task; one watcher task waits for the disconnect
+    and cancels the request's task (issue 15: no second task and no ``asyncio.wait`` per
+    request). A cancellation from anywhere else (shutdown grace ran out) propagates as is.
+    """
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
 
-    watcher = asyncio.ensure_future(disconnected())
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()  # the request itself was cancelled (shutdown grace ran out): so is the work
-        raise
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        current.uncancel()
+        raise ClientClosedRequest("The client closed the connection before the answer.") from None
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await task
-        raise ClientClosedRequest("The client closed the connection before the answer.")
-    return task.result()
 
 
 async def _execute(request: Request, key: Any, job: service.Job) -> service.Outcome:
