@@ -278,7 +278,13 @@ def script_names() -> dict[str, str]:
     """SHA-1 of every Lua script the gateway loads -> its file name (EVALSHA's first argument)."""
     names = {}
     for path in (ROOT / "app").rglob("*.lua"):
-        names[hashlib.sha1(path.read_bytes()).hexdigest()] = path.name
+        text = path.read_text(encoding="utf-8")
+        names[hashlib.sha1(text.encode()).hexdigest()] = path.name
+        # A script may have a prelude of the same package prepended (``LuaScript(prelude=)``).
+        for prelude in path.parent.glob("*.lua"):
+            if prelude != path:
+                joined = prelude.read_text(encoding="utf-8") + "\n" + text
+                names[hashlib.sha1(joined.encode()).hexdigest()] = path.name
     return names
 
 
