@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -36,6 +37,24 @@ def ensure_venv() -> None:
     STAMP.write_text(wanted)
 
 
+# Programs the tests run besides Python's: docker-compose checks the compose file (no engine
+# needed), curl runs the README's examples. Installed from Debian's packages when missing.
+SYSTEM_TOOLS = {"docker-compose": "docker-compose", "curl": "curl"}
+
+
+def ensure_system_tools() -> None:
+    missing = [pkg for tool, pkg in SYSTEM_TOOLS.items() if shutil.which(tool) is None]
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        sys.exit(f"the tests need {', '.join(missing)}: install them and run again")
+    print(f"installing {', '.join(missing)} with apt-get ...", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
+    result = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False)
+    if result.returncode != 0:
+        sys.exit(f"could not install {', '.join(missing)} (apt-get install failed)")
+
+
 def run(*cmd: str) -> None:
     print("+", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, cwd=ROOT)
@@ -52,6 +71,7 @@ def main() -> None:
         os.execv(str(BIN / "falgate"), [str(BIN / "falgate"), "serve", *rest])
     elif command == "test":
         ensure_venv()
+        ensure_system_tools()
         paths = [p for p in ("app", "tests", "bench", "dev.py") if (ROOT / p).exists()]
         run(str(BIN / "ruff"), "check", *paths)
         run(str(BIN / "ruff"), "format", "--check", *paths)

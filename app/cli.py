@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -22,7 +23,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import StartupError, create_app, resolve_admin_token
+    from app.ops.edge import edge_options
     from app.ops.logging import configure_logging, uvicorn_options
+    from app.ops.metrics import metrics_of
+    from app.redis import private_dir
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -30,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     settings = get_settings().model_copy(update=overrides)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     try:
         resolve_admin_token(settings)
     except StartupError as exc:
@@ -45,8 +49,13 @@ def _serve(args: argparse.Namespace) -> int:
         from app.ops.workers import serve_workers
 
         return serve_workers(settings, workers, resolve_admin_token(settings))
+    app = create_app(settings)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
+        app,
+        host=settings.host,
+        port=settings.port,
+        **uvicorn_options(settings),
+        **edge_options(settings, metrics_of(app)),
     )
     return 0
 
@@ -64,34 +73,42 @@ def _sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+class NoGateway(Exception):
+    """The CLI cannot find the Redis of a running gateway; the message says where it looked."""
+
+
 @contextlib.asynccontextmanager
 async def _redis(settings: Settings) -> AsyncIterator[Any]:
-    """The gateway's Redis: the configured URL, the running embedded server, or a new one."""
-    from app.redis import EmbeddedRedis, redis_client
+    """The gateway's Redis: ``FALGATE_REDIS_URL``, or the embedded server of the gateway that
+    runs on this data dir. Never a new, empty one: that would answer ``[]`` about nothing."""
+    from app.redis import redis_client
 
     url = settings.redis_url
-    embedded: EmbeddedRedis | None = None
     if url is None:
-        url_file = settings.data_dir / "redis.url"
-        if url_file.exists():
-            url = url_file.read_text().strip()
-            probe = redis_client(url, settings)
-            try:
-                await probe.ping()
-            except Exception:
-                url = None
-            finally:
-                await probe.aclose()
-        if url is None:
-            embedded = EmbeddedRedis(settings.data_dir)
-            url = embedded.start()
+        data_dir = settings.data_dir.resolve()
+        url_file = data_dir / "redis.url"
+        if not url_file.exists():
+            raise NoGateway(
+                f"no running gateway found: {url_file} does not exist. Run this where "
+                "'falgate serve' runs (or set FALGATE_DATA_DIR to its data dir) while it is "
+                "running, or set FALGATE_REDIS_URL."
+            )
+        url = url_file.read_text().strip()
+        probe = redis_client(url, settings)
+        try:
+            await probe.ping()
+        except Exception as exc:
+            raise NoGateway(
+                f"the gateway's Redis named in {url_file} does not answer "
+                f"({type(exc).__name__}): is 'falgate serve' still running?"
+            ) from exc
+        finally:
+            await probe.aclose()
     client = redis_client(url, settings)
     try:
         yield client
     finally:
         await client.aclose()
-        if embedded is not None:
-            embedded.stop()
 
 
 def _print(data: Any) -> None:
@@ -122,12 +139,12 @@ def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
 async def _keys(args: argparse.Namespace) -> int:
     from app.catalog import load_catalog
     from app.keys.schemas import KeyCreate, KeyUpdate
-    from app.keys.service import KeyService
+    from app.keys.service import KeyService, model_names
 
     settings = get_settings()
     catalog = load_catalog(settings.catalog_file)
     async with _redis(settings) as redis:
-        keys = KeyService(redis, known_models=set(catalog.models) | set(catalog.upscalers))
+        keys = KeyService(redis, known_models=model_names(catalog))
         if args.keys_command == "create":
             key, plaintext = await keys.create(KeyCreate(**_key_fields(args)))
             _print({**key.to_out().model_dump(mode="json"), "key": plaintext})
@@ -197,8 +214,15 @@ def _add_usage_parser(sub: Any) -> None:
     usage.add_argument("--to", dest="end", help="exclusive end datetime, or a date (included)")
     usage.add_argument("--group-by", choices=["key", "model", "day"], help="report grouping")
     usage.add_argument(
-        "--ledger", choices=["jsonl", "csv"], help="export the ledger entries instead"
+        "report",
+        nargs="?",
+        choices=["ledger"],
+        help="'ledger': export the ledger entries (with --format) instead of a report",
     )
+    usage.add_argument(
+        "--format", dest="ledger_format", choices=["jsonl", "csv"], help="ledger format (jsonl)"
+    )
+    usage.add_argument("--ledger", choices=["jsonl", "csv"], help=argparse.SUPPRESS)  # old
     usage.set_defaults(func=lambda a: asyncio.run(_usage(a)))
 
 
@@ -215,10 +239,13 @@ async def _usage(args: argparse.Namespace) -> int:
     settings = get_settings()
     start, end = parse_moment(args.start), parse_moment(args.end, end=True)
     key_ids = [args.key_id] if args.key_id else None
+    ledger = args.ledger or (args.ledger_format or "jsonl" if args.report == "ledger" else None)
+    if args.ledger_format and args.report != "ledger":
+        raise ValueError("--format applies to 'falgate usage ledger'")
     async with _redis(settings) as redis:
-        if args.ledger:
+        if ledger:
             entries = iter_ledger(redis, key_ids=key_ids, start=start, end=end)
-            export = export_csv if args.ledger == "csv" else export_jsonl
+            export = export_csv if ledger == "csv" else export_jsonl
             async for chunk in export(entries):
                 sys.stdout.write(chunk)
         elif args.key_id and not (args.group_by or start or end):
@@ -237,7 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()
         return result
+    except BrokenPipeError:
+        # The reader went away (``falgate usage ledger | head``): stop quietly, as cat does.
+        # Point stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the pipe
+    except NoGateway as exc:
+        print(f"falgate: {exc}", file=sys.stderr)
+        return 1
     except FalgateError as exc:
         print(f"falgate: {exc.message}", file=sys.stderr)
         return 1

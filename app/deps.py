@@ -11,12 +11,14 @@ from app.catalog import Catalog
 from app.errors import Unauthorized, Unavailable
 from app.keys.service import ApiKey, KeyService
 from app.redis import REDIS_ERRORS
+from app.sapiom.service import SapiomService
 from app.settings import Settings
 
 # The credentials are parsed by hand below (``Authorization: Key <key>`` is not a scheme
-# FastAPI knows), and the schemes are written into the OpenAPI document by
+# FastAPI knows), and their schemes are written into the OpenAPI document by
 # :func:`document_security` rather than declared as FastAPI security dependencies: those are
-# solved (and the header parsed again) on every request just to be documented (issue 15).
+# solved (and the headers parsed again) on every request just to be documented (issue 15).
+SAPIOM_TRANSACTION_HEADER = "x-sapiom-transaction-id"
 SECURITY_SCHEMES: dict[str, dict[str, str]] = {
     "HTTPBearer": {
         "type": "http",
@@ -24,6 +26,13 @@ SECURITY_SCHEMES: dict[str, dict[str, str]] = {
         "scheme": "bearer",
     },
     "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "SapiomTransaction": {
+        "type": "apiKey",
+        "description": "A transaction from `POST /v1/transactions`: single use, for that request "
+        "only.",
+        "in": "header",
+        "name": "X-Sapiom-Transaction-Id",
+    },
     "AdminToken": {"type": "http", "scheme": "bearer"},
 }
 
@@ -58,19 +67,51 @@ def presented_key(request: Request) -> str | None:
     return api_key.strip() if api_key else None
 
 
+def _sapiom_request_url(request: Request, sapiom: SapiomService) -> str | None:
+    """The URL this request was sent to, as a Sapiom transaction names it."""
+    scope = request.scope
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    return sapiom.request_url(
+        scheme=scope.get("scheme", "http"),
+        host=request.headers.get("host"),
+        raw_path=raw_path.decode("latin-1"),
+        query=scope.get("query_string", b"").decode("latin-1"),
+    )
+
+
 async def current_key(request: Request) -> ApiKey:
+    """The calling key: from the key the request presents, or from a Sapiom transaction.
+
+    A request with credentials (``Authorization``/``X-API-Key``) is that key's, exactly as
+    without Sapiom; if it also carries ``X-Sapiom-Transaction-Id``, the transaction must be
+    the same key's and is consumed. A request with only the transaction id is the creating
+    key's (``app.sapiom.service.SapiomService.redeem``).
+    """
     plaintext = presented_key(request)
-    if not plaintext:
+    transaction_id = request.headers.get(SAPIOM_TRANSACTION_HEADER)
+    # Credentials that are present are checked as always, even next to a transaction id.
+    has_credentials = "authorization" in request.headers or "x-api-key" in request.headers
+    keys: KeyService = request.app.state.keys
+    settings: Settings = request.app.state.settings
+    key: ApiKey | None = None
+    try:
+        if plaintext:
+            key = await keys.authenticate(plaintext, cache_ttl_s=settings.auth_cache_ttl_s)
+        if transaction_id is not None and (key is not None or not has_credentials):
+            sapiom: SapiomService = request.app.state.sapiom
+            key = await sapiom.redeem(
+                transaction_id,
+                method=request.method,
+                url=_sapiom_request_url(request, sapiom),
+                presented=key,
+            )
+    except REDIS_ERRORS as exc:
+        raise Unavailable("The gateway's state store is unavailable; try again shortly.") from exc
+    if key is None:
         raise Unauthorized(
             "Missing API key: send 'Authorization: Bearer <key>', "
             "'Authorization: Key <key>' or 'X-API-Key: <key>'."
         )
-    keys: KeyService = request.app.state.keys
-    settings: Settings = request.app.state.settings
-    try:
-        key = await keys.authenticate(plaintext, cache_ttl_s=settings.auth_cache_ttl_s)
-    except REDIS_ERRORS as exc:
-        raise Unavailable("The gateway's state store is unavailable; try again shortly.") from exc
     request.state.key_id = key.id
     return key
 
@@ -92,10 +133,11 @@ KeysDep = Annotated[KeyService, Depends(get_keys)]
 AdminDep = Depends(require_admin)
 
 
-#: Which credentials each part of the API takes: every ``/v1`` route depends on
-#: :func:`current_key`, every ``/admin`` route on :func:`require_admin` (tests/api check both).
+#: Which credentials each part of the API takes, for operations that declare none themselves:
+#: every other ``/v1`` route depends on :func:`current_key`, every ``/admin`` route on
+#: :func:`require_admin` (tests/api/test_catalog_and_prices.py checks that each refuses without).
 _SECURITY_BY_PREFIX: tuple[tuple[str, list[dict[str, list[str]]]], ...] = (
-    ("/v1/", [{"HTTPBearer": []}, {"APIKeyHeader": []}]),
+    ("/v1/", [{"HTTPBearer": []}, {"APIKeyHeader": []}, {"SapiomTransaction": []}]),
     ("/admin/", [{"AdminToken": []}]),
 )
 
@@ -107,6 +149,7 @@ def document_security(schema: dict[str, Any]) -> None:
         if requirement is None:
             continue
         for operation in item.values():
-            if isinstance(operation, dict):
+            if isinstance(operation, dict) and "security" not in operation:
                 operation["security"] = requirement
-    schema.setdefault("components", {})["securitySchemes"] = dict(SECURITY_SCHEMES)
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes.update(SECURITY_SCHEMES)

@@ -201,6 +201,20 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for '{field}': {msg}.", param=field)
 
 
+def content_type_error(request: Request, exc: RequestValidationError) -> InvalidRequest | None:
+    """A body refused because it was not sent as JSON: say which header to send."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return None
+    if not any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors()):
+        return None
+    got = f"'{media[:100]}'" if media else "none"
+    return InvalidRequest(
+        f"The request body must be JSON sent with 'Content-Type: application/json' "
+        f"(Content-Type received: {got})."
+    )
+
+
 def add_exception_handlers(app: FastAPI) -> None:
     """Every error leaves the gateway in the same envelope; nothing leaks a stack trace."""
 
@@ -210,7 +224,8 @@ def add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request, validation_error(exc))
+        not_json = content_type_error(request, exc)
+        return error_response(request, not_json or validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -10,15 +12,27 @@ from app.errors import error_body
 
 
 class BodyLimitMiddleware:
-    """Answer 413 for a body over ``max_bytes`` before any of it is parsed.
+    """Answer 413 for a body over ``max_bytes`` before any of it is parsed, and 408 for a body
+    that stalls.
 
     The body is read here (FastAPI would buffer it anyway) so an over-long chunked body is
-    refused as cleanly as one with an honest Content-Length.
+    refused as cleanly as one with an honest Content-Length. A pause of more than
+    ``idle_timeout_s`` between two pieces of the body, or a body not complete within
+    ``deadline_s`` of its request head, ends the request with 408 and ``Connection: close``.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        idle_timeout_s: float | None = None,
+        deadline_s: float | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -30,8 +44,19 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
         while True:
-            message = await receive()
+            wait = self.idle_timeout_s
+            if deadline is not None:
+                left = max(deadline - time.monotonic(), 0.0)
+                wait = left if wait is None else min(wait, left)
+            try:
+                message = await asyncio.wait_for(receive(), wait)
+            except TimeoutError:
+                await self._error(
+                    scope, send, 408, "request_timeout", "The request body stopped arriving."
+                )
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -55,14 +80,15 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
+        message = f"Request body is larger than {self.max_bytes} bytes."
+        await self._error(scope, send, 413, "payload_too_large", message)
+
+    async def _error(
+        self, scope: Scope, send: Send, status: int, error_type: str, message: str
+    ) -> None:
         state = scope.get("state") or {}
         request_id = str(state.get("request_id", ""))
-        payload = error_body(
-            "payload_too_large",
-            f"Request body is larger than {self.max_bytes} bytes.",
-            param=None,
-            request_id=request_id,
-        )
+        payload = error_body(error_type, message, param=None, request_id=request_id)
         data = json.dumps(payload).encode()
         headers = [
             (b"content-type", b"application/json"),
@@ -71,5 +97,5 @@ class BodyLimitMiddleware:
         ]
         if request_id:
             headers.append((b"x-request-id", request_id.encode()))
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
+from app.dashboard import install_dashboard
 from app.deps import document_security
 from app.errors import add_exception_handlers
 from app.generation.routes import router as generation_router
@@ -26,21 +27,24 @@ from app.http import BodyLimitMiddleware
 from app.keys.invalidation import KeyChangeListener
 from app.keys.routes import router as keys_router
 from app.keys.schemas import KeyCreate
-from app.keys.service import KeyService
+from app.keys.service import KeyService, model_names
 from app.metering import Meter
 from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
 from app.metering.routes import admin_router as usage_admin_router
 from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
+from app.ops.docs import add_docs
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
 from app.ops.metrics import mark_process_dead
 from app.ops.shutdown import InflightTracker
 from app.ops.workers import is_worker
 from app.ratelimit.upstream_gate import UpstreamGate
-from app.redis import EmbeddedRedis, redis_client
+from app.redis import EmbeddedRedis, private_dir, redis_client
 from app.sandbox import SandboxConfig, embedded_sandbox
+from app.sapiom.routes import router as sapiom_router
+from app.sapiom.service import SapiomService
 from app.settings import Settings, get_settings
 from app.upstream.client import FalClient
 
@@ -121,6 +125,7 @@ async def sandbox_welcome(settings: Settings, keys: KeyService, admin_token: str
             "falgate is running in SANDBOX MODE (no fal key): images come from the",
             "built-in fal emulator and cost nothing real.",
             f"Gateway:       http://{settings.host}:{settings.port}",
+            f"Dashboard:     http://{settings.host}:{settings.port}/dashboard",
             f"Admin token:   {admin_token}"
             if token_generated
             else "Admin token:   (FALGATE_ADMIN_TOKEN)",
@@ -137,7 +142,7 @@ async def sandbox_welcome(settings: Settings, keys: KeyService, admin_token: str
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     async with contextlib.AsyncExitStack() as stack:
         app.state.admin_token = resolve_admin_token(settings)
         app.state.inflight = InflightTracker()
@@ -164,14 +169,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     public_url=settings.sandbox_public_url,
                 )
                 base = await stack.enter_async_context(
-                    embedded_sandbox(settings.sandbox_host, settings.sandbox_port, config=config)
+                    embedded_sandbox(
+                        settings.sandbox_host,
+                        settings.sandbox_port,
+                        config=config,
+                        state_dir=settings.data_dir,  # its files survive a restart
+                    )
                 )
             base = base.rstrip("/")
-            # The sandbox's own file URLs may be fetched, so a generated image can be upscaled.
-            sandbox_hosts = [_host_port(url) for url in (base, settings.sandbox_public_url) if url]
+            # The sandbox's own file URLs may be fetched, so a generated image can be upscaled;
+            # only its file route, not its control routes (/_sandbox/*) or fal's API.
+            files = [f"{u.rstrip('/')}/files/" for u in (base, settings.sandbox_public_url) if u]
             settings = settings.model_copy(
                 update={
-                    "image_fetch_allow_hosts": [*settings.image_fetch_allow_hosts, *sandbox_hosts]
+                    "image_fetch_allow_url_prefixes": [
+                        *settings.image_fetch_allow_url_prefixes,
+                        *files,
+                    ]
                 }
             )
             app.state.settings = settings
@@ -206,11 +220,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(leases.stop)
         deferred = DeferredWrites(redis)
         stack.push_async_callback(deferred.drain, settings.shutdown_grace_s)
-        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred)
+        app.state.sapiom = SapiomService(
+            redis,
+            keys,
+            meter,
+            ttl_s=settings.sapiom_transaction_ttl_s,
+            public_url=settings.public_url,
+        )
         sweeper = Sweeper(redis, settings, process_id, fal)
         await sweeper.start()
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
+        app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred, sweeper)
 
         if settings.sandbox_mode and not is_worker():  # a worker's parent already did this
             await sandbox_welcome(settings, keys, app.state.admin_token)
@@ -219,14 +240,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.inflight.drain(settings.shutdown_grace_s)
 
 
-def _host_port(url: str) -> str:
-    """``http://127.0.0.1:8100/x`` -> ``127.0.0.1:8100``, as the image allow-list names hosts."""
-    return url.split("://", 1)[-1].split("/", 1)[0].lower()
-
-
-def _known_models(app: FastAPI) -> set[str]:
-    catalog = app.state.catalog
-    return set(catalog.models) | set(catalog.upscalers)
+def _known_models(app: FastAPI) -> dict[str, str]:
+    return model_names(app.state.catalog)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -238,15 +253,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by app.ops.docs from packaged assets (works offline)
+        redoc_url=None,
         openapi_tags=[
             {"name": "generation", "description": "Metered image generation."},
             {"name": "catalog", "description": "Models and prices."},
             {"name": "usage", "description": "The calling key's budget and spend."},
             {"name": "admin", "description": "Keys, usage and ledger (admin token)."},
             {"name": "operations", "description": "Health and metrics."},
+            {"name": "sapiom", "description": "The control plane of Sapiom-wrapped clients."},
         ],
     )
     app.state.settings = settings
+    add_docs(app)
     add_exception_handlers(app)
     app.include_router(generation_router)
     app.include_router(catalog_router)
@@ -254,8 +273,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
+    app.include_router(sapiom_router)
+    install_dashboard(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        idle_timeout_s=settings.body_timeout_s,
+        deadline_s=settings.body_deadline_s,
+    )
     app.add_middleware(RequestContextMiddleware, settings=settings)
     return app
 

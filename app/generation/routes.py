@@ -24,6 +24,7 @@ from app.generation.schemas import (
     UpscaleResponse,
 )
 from app.metering.http import idempotent
+from app.metering.meter import RequestRecord
 from app.money import display_price, format_usd
 from app.schemas import error_responses
 
@@ -158,6 +159,25 @@ def _generated(request: Request, outcome: service.Outcome) -> JSONResponse:
     return _metered(request, outcome, body)
 
 
+def _replay(record: RequestRecord) -> JSONResponse:
+    """The response of a first attempt that completed, rebuilt from its request record (for
+    an ``Idempotency-Key`` retry whose first response was never stored)."""
+    images = [_image_json(img) for img in record.images or []]
+    cost = {
+        "amount_usd": format_usd(record.charged or 0),
+        "megapixels": (record.pixels or 0) / 1_000_000,
+    }
+    body: dict[str, Any]
+    if record.operation == service.UPSCALE:
+        body = {"image": images[0] if images else None, "cost": cost}
+    else:
+        body = {"images": images, "seed": record.seed, "prompt": record.prompt, "cost": cost}
+    headers = {"X-Request-Id": record.request_id, "X-Cost-USD": format_usd(record.charged or 0)}
+    if record.remaining is not None and record.remaining >= 0:
+        headers["X-Budget-Remaining-USD"] = format_usd(record.remaining)
+    return JSONResponse(body, headers=headers)
+
+
 GenerateBody = Annotated[GenerateRequest, Body()]
 # Declared for the OpenAPI document; ``idempotent`` reads the header itself.
 IdempotencyKey = Annotated[
@@ -194,7 +214,7 @@ async def run(
         job = service.plan_generate(catalog, settings, key, model_id, body)
         return _generated(request, await _execute(request, key, job))
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)
 
 
 @_price_route("/generate/price", "priceGenerate", "Price a text-to-image request")
@@ -218,7 +238,7 @@ async def generate(
         job = service.plan_generate(catalog, settings, key, body.model or DEFAULT_MODEL, body)
         return _generated(request, await _execute(request, key, job))
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)
 
 
 @_price_route("/transform/price", "priceTransform", "Price an image-to-image request")
@@ -245,7 +265,7 @@ async def transform(
         await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
         return _generated(request, await _execute(request, key, job))
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)
 
 
 @_price_route(
@@ -279,4 +299,4 @@ async def upscale(
         image = _image_json(outcome.images[0])
         return _metered(request, outcome, {"image": image, "cost": _cost(outcome)})
 
-    return await idempotent(request, key.id, handle)
+    return await idempotent(request, key.id, handle, _replay)

@@ -9,8 +9,10 @@ settle the hold to the real cost of what fal returned, or release it on any fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
 from app.metering.lua import ScriptCall, run_together
 from app.metering.meter import Admission, AdmitRequest, Meter, Settlement
+from app.metering.sweeper import Sweeper
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
 from app.ratelimit.upstream_gate import UpstreamGate
@@ -231,6 +234,16 @@ class MoneyPath:
     inflight: InflightTracker
     leases: LeaseKeeper
     deferred: DeferredWrites
+    resolver: Sweeper
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A job in fal's queue, handed to the resolver: settled when fal finishes it."""
+
+    request_id: str
+    upstream_request_id: str
+    admission: Admission
 
 
 def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
@@ -243,6 +256,32 @@ def _accepted(exc: FalgateError, request_id: str) -> FalgateError:
     accepted = type(exc)(message, param=exc.param, headers=exc.headers, extra=exc.extra)
     accepted.__cause__ = exc
     return accepted
+
+
+async def submit(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Submitted:
+    """Admit a job and put it in fal's queue, then return at once (fal's own queue API).
+
+    The same admission as :func:`execute`; once fal accepted the job its hold is handed to
+    the resolver, which settles it when fal finishes, whether or not the client ever asks for
+    the result (and releases it if fal cancels or fails it without output).
+    """
+    with path.inflight.track():
+        async with _admitted(job, key, request_id, path) as admission:
+            try:
+                fal_request_id = await path.fal.submit(job.call)
+            except BaseException as exc:
+                reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
+                await path.inflight.shield(_release_all(path, admission, reason))
+                raise
+            calls = (
+                path.gate.release_call(request_id),
+                path.meter.detached_call(admission, fal_request_id),
+            )
+            try:
+                await path.inflight.shield(run_together(path.meter.redis, *calls))
+            except Unavailable:
+                path.deferred.later(*calls)
+        return Submitted(request_id, fal_request_id, admission)
 
 
 async def execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
@@ -336,12 +375,17 @@ async def _release_once_admitted(
 
 
 async def _settle_and_free(
-    path: MoneyPath, admission: Admission, actual: Price, images: list[GeneratedImage]
+    path: MoneyPath,
+    admission: Admission,
+    actual: Price,
+    images: list[GeneratedImage],
+    seed: int | None,
+    upstream: str | None,
 ) -> Settlement:
     """Settle the hold and free the upstream slot in one round trip; if Redis is briefly
     unreachable, keep trying to settle (fal did, and billed, the work)."""
     meter, gate = path.meter, path.gate
-    settle = meter.settle_call(admission, actual, images)
+    settle = meter.settle_call(admission, actual, images, seed, upstream)
     delay = 0.05
     deadline = time.monotonic() + SETTLE_RETRY_S
     calls: tuple[ScriptCall, ...] = (gate.release_call(admission.request_id), settle)
@@ -363,9 +407,15 @@ async def _settle_and_free(
             delay = min(delay * 2, 1.0)
 
 
-async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
-    request = _admit_request(job, key, request_id)
-    admitting = asyncio.ensure_future(_admit_and_reserve(request, path))
+@contextlib.asynccontextmanager
+async def _admitted(
+    job: Job, key: ApiKey, request_id: str, path: MoneyPath
+) -> AsyncIterator[Admission]:
+    """Admitted, with an upstream slot, the hold's lease renewed while the block runs; a
+    failure before the block (refusal, no slot in time) leaves nothing held."""
+    admitting = asyncio.ensure_future(
+        _admit_and_reserve(_admit_request(job, key, request_id), path)
+    )
     try:
         admission, granted = await path.inflight.shield(admitting)
     except asyncio.CancelledError:
@@ -380,6 +430,11 @@ async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> O
             except BaseException:
                 await path.inflight.shield(_release_all(path, admission, "failed"))
                 raise
+        yield admission
+
+
+async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Outcome:
+    async with _admitted(job, key, request_id, path) as admission:
         return await _forward(job, admission, path)
 
 
@@ -416,16 +471,18 @@ async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
             raise _accepted(exc, request_id) from exc
         raise
     images = filled_images(job, result)
+    seed = result.seed if result.seed is not None else job.seed
+    upstream_id = result.request_id or (accepted[0] if accepted else None)
     settlement = await path.inflight.shield(
-        _settle_and_free(path, admission, actual_price(job, images), images)
+        _settle_and_free(path, admission, actual_price(job, images), images, seed, upstream_id)
     )
     record_settled(job.model_id, settlement.charged)
     return Outcome(
         job=job,
         images=images,
-        seed=result.seed if result.seed is not None else job.seed,
+        seed=seed,
         charged=settlement.charged,
         remaining=settlement.remaining,
         headers=dict(admission.headers),
-        upstream_request_id=result.request_id or (accepted[0] if accepted else None),
+        upstream_request_id=upstream_id,
     )

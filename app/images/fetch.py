@@ -127,12 +127,32 @@ def _port_of(target: httpx.URL) -> int:
     return 443 if target.scheme == "https" else 80
 
 
-def _is_allow_listed(target: httpx.URL, allow_hosts: Sequence[str]) -> bool:
+def _is_allow_listed(target: httpx.URL, settings: Settings) -> bool:
     host = target.host.lower()
     port = _port_of(target)
     bracketed = f"[{host}]" if ":" in host else host
-    allowed = {h.lower() for h in allow_hosts}
-    return bool({host, bracketed, f"{host}:{port}", f"{bracketed}:{port}"} & allowed)
+    allowed = {h.lower() for h in settings.image_fetch_allow_hosts}
+    if {host, bracketed, f"{host}:{port}", f"{bracketed}:{port}"} & allowed:
+        return True
+    return any(_under_prefix(target, p) for p in settings.image_fetch_allow_url_prefixes)
+
+
+def _under_prefix(target: httpx.URL, prefix: str) -> bool:
+    """``target`` is on the same scheme, host and port as ``prefix`` and its path lies under
+    the prefix's path (compared after httpx's normalisation, so ``/files/../x`` is not)."""
+    try:
+        allowed = httpx.URL(prefix)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
+    path = allowed.path if allowed.path.endswith("/") else allowed.path + "/"
+    return (
+        target.scheme == allowed.scheme
+        and target.host.lower() == allowed.host.lower()
+        and _port_of(target) == _port_of(allowed)
+        and target.path.startswith(path)
+        and ".." not in target.path.split("/")
+        and "%2" not in target.raw_path.decode("ascii", "replace").lower()
+    )
 
 
 async def _pinned_address(target: httpx.URL, settings: Settings, resolver: Resolver) -> str:
@@ -147,9 +167,7 @@ async def _pinned_address(target: httpx.URL, settings: Settings, resolver: Resol
         raise InvalidRequest(
             f"Could not resolve the host of 'image_url' ({target.host}).", param=_PARAM
         )
-    if not _is_allow_listed(target, settings.image_fetch_allow_hosts) and not all(
-        is_public_address(a) for a in addresses
-    ):
+    if not _is_allow_listed(target, settings) and not all(is_public_address(a) for a in addresses):
         raise InvalidRequest(
             "'image_url' points to a private or reserved network address.", param=_PARAM
         )

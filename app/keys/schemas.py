@@ -1,14 +1,83 @@
-"""Admin API bodies for gateway keys (SPEC section 8)."""
+"""Admin API bodies for gateway keys (SPEC section 8).
+
+Admin input is as strict as client input: numbers are JSON numbers (``true`` and ``"5"`` are
+not 1 and 5; an integer-valued ``5.0`` is 5), ``budget_usd`` is a decimal string or number,
+``expires_at`` an ISO 8601 date-time string in the future, and a name is printable text.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+)
 
 BudgetPeriod = Literal["total", "daily", "monthly"]
+DEFAULT_BUDGET_PERIOD: BudgetPeriod = "monthly"  # SPEC section 8
+NAME_MAX = 200
+
+
+def _number_only(value: object) -> object:
+    """Refuse what lax validation would coerce into a number: booleans and strings."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+def _amount(value: object) -> object:
+    """A money amount: a decimal string or a number, never a boolean."""
+    if isinstance(value, bool):
+        raise ValueError('must be a decimal string such as "50" or a number')
+    return value
+
+
+def _moment(value: object) -> object:
+    """An ISO 8601 date-time string (a number would be read as seconds since 1970)."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an ISO 8601 date-time string such as 2027-01-31T00:00:00Z")
+    return value
+
+
+# Constraints first, then the validator: so the JSON schema says ``minimum``/``maximum``.
+Rpm = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_number_only)]
+MaxConcurrent = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(_number_only)]
+Amount = Annotated[
+    Decimal,
+    Field(ge=0, le=Decimal("1000000000"), decimal_places=6, allow_inf_nan=False),
+    BeforeValidator(_amount),
+]
+Moment = Annotated[datetime, BeforeValidator(_moment)]
+ModelName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+def _printable_name(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not value.isprintable() or value != value.strip():
+        raise ValueError("must be printable text without control characters or surrounding spaces")
+    return value
+
+
+def _in_the_future(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    if value <= datetime.now(UTC):
+        raise ValueError("must be in the future")
+    return value
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
 
 
 class _Body(BaseModel):
@@ -25,29 +94,39 @@ class KeyCreate(_Body):
         },
     )
 
-    name: str = Field(min_length=1, max_length=200)
-    budget_usd: Decimal | None = Field(
-        default=None, ge=0, le=Decimal("1000000000"), decimal_places=6, allow_inf_nan=False
+    name: StrictStr = Field(min_length=1, max_length=NAME_MAX)
+    budget_usd: Amount | None = None
+    budget_period: BudgetPeriod = DEFAULT_BUDGET_PERIOD
+    rpm: Rpm | None = None
+    max_concurrent: MaxConcurrent | None = None
+    models: list[ModelName] | None = Field(
+        default=None, max_length=1000, description="Catalog ids or aliases; stored as ids."
     )
-    budget_period: BudgetPeriod = "monthly"
-    rpm: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
-    models: list[str] | None = Field(default=None, max_length=1000)
-    expires_at: datetime | None = None
+    expires_at: Moment | None = None
+
+    _name = field_validator("name")(_printable_name)
+    _expires = field_validator("expires_at")(_in_the_future)
 
 
 class KeyUpdate(_Body):
     """Only the fields present change; ``null`` clears a limit (back to unlimited/default)."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    budget_usd: Decimal | None = Field(
-        default=None, ge=0, le=Decimal("1000000000"), decimal_places=6, allow_inf_nan=False
+    # Not nullable: a name and a period always exist (the default is only for the schema).
+    name: StrictStr = Field(  # type: ignore[assignment]
+        default=None, min_length=1, max_length=NAME_MAX, json_schema_extra=_no_default
     )
-    budget_period: BudgetPeriod | None = None
-    rpm: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
-    models: list[str] | None = Field(default=None, max_length=1000)
-    expires_at: datetime | None = None
+    budget_usd: Amount | None = None
+    budget_period: BudgetPeriod = Field(
+        default=None,  # type: ignore[arg-type]
+        json_schema_extra=_no_default,
+    )
+    rpm: Rpm | None = None
+    max_concurrent: MaxConcurrent | None = None
+    models: list[ModelName] | None = Field(default=None, max_length=1000)
+    expires_at: Moment | None = None
+
+    _name = field_validator("name")(_printable_name)
+    _expires = field_validator("expires_at")(_in_the_future)
 
 
 class KeyOut(BaseModel):

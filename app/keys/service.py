@@ -17,12 +17,14 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from app.catalog.catalog import Catalog
 from app.errors import Forbidden, InvalidRequest, NotFound, Unauthorized
-from app.keys.schemas import KeyCreate, KeyOut, KeyUpdate
+from app.keys.schemas import DEFAULT_BUDGET_PERIOD, KeyCreate, KeyOut, KeyUpdate
 from app.money import format_usd, parse_usd
 
 KEY_PREFIX = "fgk_"
@@ -84,7 +86,9 @@ class ApiKey:
             expires_at=opt_float("expires_at"),
             revoked_at=opt_float("revoked_at"),
             budget_micro=opt_int("budget_micro"),
-            budget_period=raw.get("budget_period") or "monthly",
+            # A record without a period is enforced as monthly (SPEC's default; clock.lua's
+            # period_field and Meter.usage read it so): shown as what it is enforced as.
+            budget_period=raw.get("budget_period") or DEFAULT_BUDGET_PERIOD,
             rpm=opt_int("rpm"),
             max_concurrent=opt_int("max_concurrent"),
             models=tuple(json.loads(models)) if models else None,
@@ -152,10 +156,24 @@ def _fields(body: KeyCreate | KeyUpdate, present: set[str]) -> dict[str, str]:
     return out
 
 
-class KeyService:
-    """Reads and writes key records; the admin routes and the CLI both go through it."""
+def model_names(catalog: Catalog) -> dict[str, str]:
+    """Every name a request may use for a model (catalog id, alias, upscaler id) -> its id."""
+    names = {u: u for u in catalog.upscalers}
+    for model in catalog.models.values():
+        names[model.id] = model.id
+        if model.alias:
+            names[model.alias] = model.id
+    return names
 
-    def __init__(self, redis: Any, *, known_models: set[str] | None = None) -> None:
+
+class KeyService:
+    """Reads and writes key records; the admin routes and the CLI both go through it.
+
+    ``known_models`` maps every accepted model name (ids and aliases) to its catalog id: a
+    key's ``models`` list is stored as catalog ids, which is what requests are checked against.
+    """
+
+    def __init__(self, redis: Any, *, known_models: Mapping[str, str] | None = None) -> None:
         self.redis = redis
         self.known_models = known_models
         self._cache: dict[str, tuple[float, ApiKey]] = {}
@@ -184,15 +202,18 @@ class KeyService:
         self.forget(key_id)
         await self.redis.publish(KEY_CHANGES, key_id)
 
-    def _check_models(self, models: list[str] | None) -> None:
-        if models is None or self.known_models is None:
+    def _normalise_models(self, body: KeyCreate | KeyUpdate) -> None:
+        """Aliases become catalog ids; an unknown name is a 400 naming ``models``."""
+        if body.models is None or self.known_models is None:
             return
-        unknown = sorted(set(models) - self.known_models)
+        unknown = sorted({m for m in body.models if m not in self.known_models})
         if unknown:
-            raise InvalidRequest(f"Unknown model ids: {', '.join(unknown)}.", param="models")
+            shown = ", ".join(repr(m[:100]) for m in unknown[:10])
+            raise InvalidRequest(f"Unknown models in 'models': {shown}.", param="models")
+        body.models = sorted({self.known_models[m] for m in body.models})
 
     async def create(self, body: KeyCreate) -> tuple[ApiKey, str]:
-        self._check_models(body.models)
+        self._normalise_models(body)
         plaintext = new_key()
         key_id = "key_" + secrets.token_hex(8)
         fields = {
@@ -236,7 +257,7 @@ class KeyService:
             raise InvalidRequest("name cannot be null.", param="name")
         if "budget_period" in body.model_fields_set and body.budget_period is None:
             raise InvalidRequest("budget_period cannot be null.", param="budget_period")
-        self._check_models(body.models)
+        self._normalise_models(body)
         fields = _fields(body, set(body.model_fields_set))
         if fields:
             await self.redis.hset(meta_key(key_id), mapping=fields)
@@ -281,3 +302,15 @@ class KeyService:
                 self._cache[digest] = (now + cache_ttl_s, key)
         key.check_usable()
         return key
+
+    async def lookup(self, plaintext: str) -> ApiKey:
+        """The record behind a presented secret as stored now, whatever its status; 401 only
+        for a secret that is no key at all (the Sapiom control plane answers a revoked or
+        expired key with a denied transaction rather than a 401)."""
+        if not plaintext.startswith(KEY_PREFIX) or len(plaintext) > 200:
+            raise Unauthorized("Invalid API key.")
+        key_id = await self.redis.get(hash_index_key(hash_key(plaintext)))
+        raw = await self.redis.hgetall(meta_key(key_id)) if key_id else {}
+        if not raw:
+            raise Unauthorized("Invalid API key.")
+        return ApiKey.from_hash(raw)

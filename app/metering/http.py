@@ -10,7 +10,13 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request, Response
 
 from app.errors import Unavailable, request_id_of
-from app.metering.idempotency import IdempotencyStore, IdempotencyTicket, StoredResponse
+from app.metering.idempotency import (
+    REPLAYED_HEADER,
+    IdempotencyStore,
+    IdempotencyTicket,
+    StoredResponse,
+)
+from app.metering.meter import RequestRecord
 
 log = logging.getLogger("falgate.idempotency")
 
@@ -25,19 +31,26 @@ _REPLAYED = (
 
 
 def idempotency_store(request: Request) -> IdempotencyStore:
-    """The app's store (created on first use from the lifespan's Redis client)."""
+    """The app's store (created on first use from the lifespan's meter)."""
     state = request.app.state
     store: IdempotencyStore | None = getattr(state, "idempotency", None)
     if store is None:
-        store = IdempotencyStore(state.meter.redis, state.settings, state.meter.process_id)
+        store = IdempotencyStore(state.meter)
         state.idempotency = store
     return store
 
 
 async def idempotent(
-    request: Request, key_id: str, handler: Callable[[], Awaitable[Response]]
+    request: Request,
+    key_id: str,
+    handler: Callable[[], Awaitable[Response]],
+    replay: Callable[[RequestRecord], Response],
 ) -> Response:
-    """Run ``handler`` once per (key, Idempotency-Key); without the header just run it."""
+    """Run ``handler`` once per (key, Idempotency-Key); without the header just run it.
+
+    ``replay`` rebuilds the response of a first attempt that completed from its request record
+    (when its own response was never stored).
+    """
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idempotency_key is None:
         return await handler()
@@ -56,6 +69,10 @@ async def idempotent(
             status_code=started.status,
             headers=started.headers,
         )
+    if isinstance(started, RequestRecord):
+        response = replay(started)
+        response.headers[REPLAYED_HEADER] = "true"
+        return response
     return await _first(store, started, handler)
 
 
@@ -76,7 +93,7 @@ async def _first(
     try:
         await asyncio.shield(store.complete(ticket, response.status_code, body, headers))
     except Unavailable:
-        # The work is done and charged: answer it. A replay finds the record in progress and
-        # waits, then gets a 409, rather than running twice.
+        # The work is done and charged: answer it. A retry finds the record in progress and
+        # rebuilds this response from the request record, rather than running twice.
         log.warning("could not store the idempotent response of %s", ticket.request_id)
     return response

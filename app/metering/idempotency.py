@@ -19,8 +19,14 @@ request completed.
   executing, nothing here charges on an error (the hold is released), and the typical 4xx
   (402 budget, 429 rate limit, 400 from fal) can succeed on a later retry once the budget is
   raised or the limit has passed, which is what a client retrying with the same key wants.
-- If the process running the first request dies, its record is taken over by a retry once the
-  process's lease has run out; as a backstop in-progress records also expire on their own.
+- **A retry never runs a job fal already has.** The record names the first attempt's gateway
+  request id, and that request's record (``GET /v1/requests/{id}``) tells what became of it: a
+  retry whose first attempt completed gets the response rebuilt from it (also when the first
+  response could not be stored, and whichever process handles the retry); one whose first
+  attempt is still pending or unresolved (fal accepted it; its process may have died) waits
+  for the resolver to settle it, then gets that outcome; one whose first attempt failed, or
+  never reached admission before its process died, runs afresh. In-progress records live as
+  long as completed ones (``FALGATE_IDEMPOTENCY_TTL_S``), so nothing re-runs by expiry.
 """
 
 from __future__ import annotations
@@ -32,12 +38,11 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.errors import IdempotencyConflict, InvalidRequest
 from app.metering import keyspace
 from app.metering.lua import LuaScript, store_errors, text
-from app.settings import Settings
+from app.metering.meter import Meter, RequestRecord
 
 MAX_KEY_LENGTH = 255
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -86,13 +91,13 @@ class IdempotencyStore:
 
     def __init__(
         self,
-        redis: Any,
-        settings: Settings,
-        process_id: str,
+        meter: Meter,
         *,
         wait_timeout_s: float | None = None,
         poll_interval_s: float = 0.05,
     ) -> None:
+        redis, settings, process_id = meter.redis, meter.settings, meter.process_id
+        self.meter = meter
         self.redis = redis
         self.settings = settings
         self.process_id = process_id
@@ -100,8 +105,9 @@ class IdempotencyStore:
             wait_timeout_s = settings.upstream_queue_timeout_s + settings.upstream_request_timeout_s
         self.wait_timeout_s = wait_timeout_s
         self.poll_interval_s = poll_interval_s
-        # In flight longer than any request may take: its owner is gone (backstop to leases).
-        self.in_progress_ttl_ms = int((wait_timeout_s + settings.process_lease_s + 60) * 1000)
+        # As long as a completed record: an in-progress one is resolved from its first
+        # attempt's request record, never by expiring (which would let a retry run again).
+        self.in_progress_ttl_ms = int(settings.idempotency_ttl_s * 1000)
         self.lease_ms = int(settings.process_lease_s * 1000)
         self._script = LuaScript(redis, __package__, "idempotency.lua")
 
@@ -114,8 +120,9 @@ class IdempotencyStore:
         path: str,
         body: bytes,
         request_id: str,
-    ) -> IdempotencyTicket | StoredResponse:
-        """Either a ticket (this is the first request: go ahead) or the response to replay.
+    ) -> IdempotencyTicket | StoredResponse | RequestRecord:
+        """A ticket (this is the first request: go ahead), the response to replay, or the
+        completed first attempt's request record (to rebuild its response from).
 
         Raises ``IdempotencyConflict`` for a different body, or when the first request is still
         in flight after the wait timeout.
@@ -153,8 +160,14 @@ class IdempotencyStore:
                 )
             owner_request, owner_process, age_ms = text(reply[1]), text(reply[2]), int(reply[3])
             take_over = ""
-            if age_ms >= self.lease_ms and not await self._alive(owner_process):
-                take_over = owner_request
+            first = await self.meter.request_record(key_id, owner_request)
+            if first is not None and first.status == "completed":
+                return first
+            if first is not None and first.resolved:
+                take_over = owner_request  # it failed: charged nothing, a retry runs afresh
+                continue
+            if first is None and age_ms >= self.lease_ms and not await self._alive(owner_process):
+                take_over = owner_request  # its process died before admitting it
                 continue
             if time.monotonic() >= deadline:
                 raise IdempotencyConflict(

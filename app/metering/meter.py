@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from redis.asyncio import RedisCluster
+
 from app.catalog.pricing import Price
 from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized, Unavailable
 from app.metering import keyspace
@@ -177,7 +179,7 @@ class Meter:
         self._admit = LuaScript(redis, __package__, "admit.lua", prelude=_MONEY)
         self._resolve = LuaScript(redis, __package__, "resolve.lua", prelude=_MONEY)
         self._attach = LuaScript(redis, __package__, "attach.lua", prelude=_MONEY)
-        self._unresolved = LuaScript(redis, __package__, "unresolved.lua", prelude=_MONEY)
+        self._handoff = LuaScript(redis, __package__, "handoff.lua", prelude=_MONEY)
         self._renew = LuaScript(redis, __package__, "renew.lua", prelude=_MONEY)
 
     def _now_us(self) -> str:
@@ -309,6 +311,16 @@ class Meter:
     def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
         """Mark a hold ``unresolved`` (fal accepted its job, the request path gave up on it):
         the resolver settles or releases it from fal's answer."""
+        return self._handoff_call(admission, fal_request_id, "unresolved")
+
+    def detached_call(self, admission: Admission, fal_request_id: str) -> ScriptCall:
+        """Hand a job fal's queue accepted to the resolver at once (fal's queue API answers the
+        submit without waiting): it is settled when fal finishes, whoever asks for it."""
+        return self._handoff_call(admission, fal_request_id, "detached")
+
+    def _handoff_call(
+        self, admission: Admission, fal_request_id: str | None, mode: str
+    ) -> ScriptCall:
         key_id, request_id = admission.key_id, admission.request_id
         keys = [
             keyspace.holds(key_id),
@@ -316,12 +328,8 @@ class Meter:
             keyspace.request_record(key_id, request_id),
             keyspace.inflight(key_id),
         ]
-        return self._unresolved.call(keys, [request_id, fal_request_id or "", self._now_us()])
-
-    async def mark_unresolved(self, admission: Admission, fal_request_id: str | None) -> bool:
-        call = self.unresolved_call(admission, fal_request_id)
-        with store_errors():
-            return bool(_int(await call.script(call.keys, call.args)))
+        args = [request_id, fal_request_id or "", self._now_us(), mode]
+        return self._handoff.call(keys, args)
 
     async def settle(
         self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()
@@ -368,7 +376,12 @@ class Meter:
         return self.settlement_from(reply)
 
     def settle_call(
-        self, admission: Admission, actual: Price, images: Sequence[GeneratedImage] = ()
+        self,
+        admission: Admission,
+        actual: Price,
+        images: Sequence[GeneratedImage] = (),
+        seed: int | None = None,
+        upstream: str | None = None,
     ) -> ScriptCall:
         """:meth:`settle` as a script call, to run together with other scripts."""
         return self.resolve_call(
@@ -379,6 +392,8 @@ class Meter:
             pixels=actual.pixels,
             reason="completed",
             images=images,
+            seed=seed,
+            upstream=upstream,
         )
 
     def release_call(
@@ -406,6 +421,7 @@ class Meter:
         images: Sequence[GeneratedImage] = (),
         seed: int | None = None,
         outcome: str = "failed",
+        upstream: str | None = None,
     ) -> ScriptCall:
         """The resolve script (settle or release one hold, exactly once)."""
         keys = [
@@ -430,6 +446,7 @@ class Meter:
             "" if seed is None else str(seed),
             self.record_ttl_ms,
             outcome,
+            upstream or "",
         ]
         return self._resolve.call(keys, args)
 
@@ -482,13 +499,17 @@ class Meter:
 
         The current period is taken from Redis's clock, as the scripts take it.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keyspace.meta(key_id))
-            pipe.hgetall(keyspace.budget(key_id))
-            pipe.hlen(keyspace.inflight(key_id))
-            pipe.time()
-            with store_errors():
-                raw_meta, raw_budget, in_flight, redis_time = await pipe.execute()
+        with store_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keyspace.meta(key_id))
+                pipe.hgetall(keyspace.budget(key_id))
+                pipe.hlen(keyspace.inflight(key_id))
+                if not isinstance(self.redis, RedisCluster):
+                    pipe.time()
+                replies = await pipe.execute()
+            # A cluster pipeline refuses TIME (it has no key): ask one node on its own.
+            redis_time = replies[3] if len(replies) > 3 else await self.redis.time()
+        raw_meta, raw_budget, in_flight = replies[:3]
         meta = {text(k): text(v) for k, v in raw_meta.items()}
         if not meta:
             raise NotFound(f"Unknown key '{key_id}'.")

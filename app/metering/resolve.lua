@@ -8,7 +8,8 @@
 -- ARGV: 1 key_id, 2 request_id, 3 now_us ('' = Redis TIME), 4 'settle'|'release',
 --       5 actual amount ('' = the hold amount), 6 actual pixels ('' = the hold's pixels),
 --       7 reason, 8 acting process id, 9 images JSON ('' = none), 10 seed ('' = none),
---       11 request record ttl ms, 12 outcome of a release: 'failed'|'cancelled'
+--       11 request record ttl ms, 12 outcome of a release: 'failed'|'cancelled',
+--       13 fal's request id ('' = as recorded on the hold; given when the attach write failed)
 --
 -- Replies:
 --   {'ok', charged, released, remaining (-1 = unlimited), already (0 = resolved now,
@@ -55,6 +56,9 @@ if not raw then
 end
 
 local hold = cjson.decode(raw)
+if ARGV[13] and ARGV[13] ~= '' then
+  hold.upstream = ARGV[13]
+end
 local held = tonumber(hold.amount)
 local charged = 0
 local pixels = hold.pixels

@@ -53,7 +53,6 @@ class SweepReport:
     settled: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
-    slots_freed: int = 0
 
 
 class Sweeper:
@@ -68,8 +67,9 @@ class Sweeper:
         self.upstream = upstream
         self.meter = Meter(redis, settings, process_id)
         self.lease_ms = max(1000, int(settings.process_lease_s * 1000))
-        # How long a claim lasts: the time one resolver has to ask fal before another may.
-        self.claim_ms = max(1000, int(settings.sweeper_interval_s * 2000))
+        # How long a claim lasts: the time one resolver has to ask fal before another may, and
+        # so how soon a job fal is still working on is asked about again (about every sweep).
+        self.claim_ms = max(1000, int(settings.sweeper_interval_s * 1000))
         self._claim = LuaScript(redis, __package__, "claim.lua", prelude=("clock.lua",))
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -152,6 +152,13 @@ class Sweeper:
             for request_id in due:
                 await self._resolve(key_id, text(request_id), report)
 
+    async def resolve_one(self, key_id: str, request_id: str) -> SweepReport:
+        """Resolve one hold now if it is due (e.g. its client just asked fal's queue API for
+        the result, or cancelled it), instead of waiting for the next sweep."""
+        report = SweepReport()
+        await self._resolve(key_id, request_id, report)
+        return report
+
     async def _resolve(self, key_id: str, request_id: str, report: SweepReport) -> None:
         with store_errors():
             raw = await self._claim(
@@ -193,7 +200,11 @@ class Sweeper:
                 report.settled.append(request_id)
             return
         released = await self.meter.resolve_hold(
-            key_id, request_id, settle=False, reason=f"resolved_{outcome.state.value}"
+            key_id,
+            request_id,
+            settle=False,
+            reason=f"resolved_{outcome.state.value}",
+            outcome="cancelled" if outcome.state is OutcomeState.CANCELLED else "failed",
         )
         if not released.already_resolved:
             report.released.append(request_id)

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import fastapi.routing
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +60,8 @@ _RECORD_ATTRS = frozenset(
 )
 _SECRET_PATTERNS = (
     (re.compile(r"fgk_[A-Za-z0-9_\-]+"), "fgk_[redacted]"),
+    # A Sapiom transaction id authenticates one request: keep the key id, blank the secret.
+    (re.compile(r"(stx_key_[A-Za-z0-9]+_)[0-9a-f]{32}"), r"\1[redacted]"),
     # An Authorization value: the scheme, then a credential-like token (not "key is set").
     (re.compile(r"\b([Bb]earer|[Kk]ey)\s+[A-Za-z0-9._~+/:=-]{16,}"), r"\1 [redacted]"),
 )
@@ -188,9 +191,31 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     if route is None:
+        route = _match_route(scope)
+    if route is None:
         return "<unmatched>"
     template = getattr(route, "path_format", None) or getattr(route, "path", None)
     return str(template) if template else "<unmatched>"
+
+
+def _match_route(scope: Scope) -> Any:
+    """The route a request would have reached, for requests answered before routing (a body
+    that was too large, stalled, or abandoned by its client)."""
+    app = scope.get("app")
+    routes = getattr(app, "routes", ())
+    flatten = getattr(fastapi.routing, "iter_route_contexts", None)  # FastAPI >= 0.16x
+    candidates = list(flatten(routes)) if flatten is not None else list(routes)
+    partial = None
+    path = scope.get("path", "")
+    for route in candidates:
+        regex = getattr(route, "path_regex", None)
+        if regex is None or not regex.match(path):
+            continue
+        methods = getattr(route, "methods", None)
+        if not methods or scope.get("method") in methods:
+            return route
+        partial = partial or route
+    return partial
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -251,6 +276,7 @@ class RequestContextMiddleware:
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500  # unless a response starts
+        responded = client_left = False
         started = time.perf_counter()
         try:
             client_id = client_request_id(_header(scope, b"x-request-id"))
@@ -261,9 +287,17 @@ class RequestContextMiddleware:
             app = self.app
         state["client_request_id"] = client_id
 
+        async def receive_watching() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_left = True
+            return message
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
+                responded = True
                 status = int(message["status"])
                 headers = MutableHeaders(scope=message)
                 if REQUEST_ID_HEADER not in headers:
@@ -277,12 +311,14 @@ class RequestContextMiddleware:
         token = bind_metrics(self.metrics) if self.metrics is not None else None
         rid_token = _current_request_id.set(request_id)
         try:
-            await app(scope, receive, send_with_id)
+            await app(scope, receive_watching, send_with_id)
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled: the client or the server went away
                 status = 499
             raise
         finally:
+            if client_left and not responded:  # gone before any answer (e.g. mid-body)
+                status = 499
             elapsed = time.perf_counter() - started
             self._finish(scope, state, status, elapsed)
             _current_request_id.reset(rid_token)

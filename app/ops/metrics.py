@@ -16,6 +16,8 @@ metric                                     type       labels
 ``falgate_budget_rejections_total``        counter    ``model`` (402s)
 ``falgate_rate_limited_total``             counter    ``model`` (429s)
 ``falgate_redis_errors_total``             counter    ``operation``
+``falgate_edge_closed_connections_total``  counter    ``reason`` (header_timeout, evicted,
+                                                      over_capacity; see app/ops/edge.py)
 =========================================  =========  ========================================
 
 The app owns one :class:`Metrics` (``app.state.metrics``, see :func:`metrics_of`). Code that has
@@ -137,6 +139,12 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.edge_closed = Counter(
+            "falgate_edge_closed_connections",
+            "Connections the HTTP edge closed: head too slow, evicted or refused at the cap.",
+            ["reason"],
+            registry=r,
+        )
         self._holds_source: HoldsSource | None = None
 
     # --- recorded by the request-context middleware -------------------------
@@ -161,6 +169,9 @@ class Metrics:
 
     def record_redis_error(self, operation: str = "") -> None:
         self.redis_errors.labels(_label(operation)).inc()
+
+    def record_edge_close(self, reason: str) -> None:
+        self.edge_closed.labels(_label(reason)).inc()
 
     def set_holds_source(self, source: HoldsSource | None) -> None:
         """Register how to count the outstanding holds; it is awaited on each scrape."""

@@ -22,8 +22,14 @@ import logging
 import os
 import shutil
 import threading
+from typing import TYPE_CHECKING, Any
 
-from app.settings import Settings
+from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from app.ops.metrics import Metrics
 
 log = logging.getLogger("falgate")
 
@@ -37,6 +43,44 @@ PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 def is_worker() -> bool:
     """True in a worker process started by :func:`serve_workers`."""
     return bool(os.environ.get(WORKER_ENV))
+
+
+# --- inside each worker: the app, and the edge protocol reporting to its metrics ---------
+_edge_metrics: Metrics | None = None
+
+
+def worker_app() -> FastAPI:
+    """The app factory uvicorn calls in each worker (settings from the parent's environment)."""
+    global _edge_metrics
+    from app.main import create_app
+    from app.ops.metrics import metrics_of
+
+    app = create_app()
+    _edge_metrics = metrics_of(app)
+    return app
+
+
+def _record_edge_close(reason: str) -> None:
+    if _edge_metrics is not None:
+        _edge_metrics.record_edge_close(reason)
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerEdgeProtocol``: the edge's HTTP protocol (header timeout, connection cap, per
+    worker), built in the worker that imports it: uvicorn pickles its config for the spawned
+    workers, and a protocol class made at run time cannot be pickled."""
+    if name != "WorkerEdgeProtocol":
+        raise AttributeError(name)
+    from app.ops.edge import edge_protocol
+
+    settings = get_settings()
+    protocol = edge_protocol(
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+        on_close=_record_edge_close,
+    )
+    globals()[name] = protocol
+    return protocol
 
 
 class _SandboxThread:
@@ -96,7 +140,7 @@ def prepare_metrics_dir(settings: Settings) -> str:
 
 async def _welcome(settings: Settings, admin_token: str) -> None:
     from app.catalog import load_catalog
-    from app.keys.service import KeyService
+    from app.keys.service import KeyService, model_names
     from app.main import sandbox_welcome
     from app.redis import redis_client
 
@@ -104,7 +148,7 @@ async def _welcome(settings: Settings, admin_token: str) -> None:
     catalog = load_catalog(settings.catalog_file)
     redis = redis_client(settings.redis_url, settings)
     try:
-        keys = KeyService(redis, known_models=set(catalog.models) | set(catalog.upscalers))
+        keys = KeyService(redis, known_models=model_names(catalog))
         await sandbox_welcome(settings, keys, admin_token)
     finally:
         await redis.aclose()
@@ -114,6 +158,7 @@ def serve_workers(settings: Settings, workers: int, admin_token: str) -> int:
     """Run ``workers`` gateway processes on ``settings.host:settings.port`` until a signal."""
     import uvicorn
 
+    from app.ops.edge import raise_open_file_limit
     from app.ops.logging import uvicorn_options
     from app.redis import EmbeddedRedis
 
@@ -145,12 +190,16 @@ def serve_workers(settings: Settings, workers: int, admin_token: str) -> int:
         if settings.sandbox_mode:
             asyncio.run(_welcome(settings, admin_token))
         log.info("starting %d worker processes", workers)
+        raise_open_file_limit(settings.max_connections + 256)  # inherited by the workers
+        keep_alive: dict[str, Any] = {"timeout_keep_alive": settings.keep_alive_timeout_s}
         uvicorn.run(
-            "app.main:create_app",
+            "app.ops.workers:worker_app",
             factory=True,
             host=settings.host,
             port=settings.port,
             workers=workers,
+            http="app.ops.workers:WorkerEdgeProtocol",
             **uvicorn_options(settings),
+            **keep_alive,
         )
     return 0

@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -96,9 +97,9 @@ def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
 class Sandbox:
     """Request handling, with the state and resources of one app instance."""
 
-    def __init__(self, config: SandboxConfig) -> None:
+    def __init__(self, config: SandboxConfig, files_dir: Path | None = None) -> None:
         self.state = SandboxState(config)
-        self.files = FileStore(config.max_file_bytes)
+        self.files = FileStore(config.max_file_bytes, files_dir)
         self.http: httpx.AsyncClient | None = None
 
     # --- life cycle --------------------------------------------------------
@@ -369,13 +370,16 @@ class Sandbox:
         return body
 
 
-def create_sandbox_app(config: SandboxConfig | None = None) -> FastAPI:
+def create_sandbox_app(
+    config: SandboxConfig | None = None, *, files_dir: Path | None = None
+) -> FastAPI:
     """A fal emulator (sync run at the root, queue under ``/queue``) with a control API.
 
     ``config`` sets latency, queue behaviour and faults; all of it can be changed at runtime
-    with ``PUT /_sandbox/config`` and restored with ``POST /_sandbox/reset``.
+    with ``PUT /_sandbox/config`` and restored with ``POST /_sandbox/reset``. With
+    ``files_dir`` generated files are kept there (and survive a restart) instead of in memory.
     """
-    sandbox = Sandbox(config or SandboxConfig())
+    sandbox = Sandbox(config or SandboxConfig(), files_dir)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import random
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png"}
+_TYPE_BY_EXTENSION = {EXTENSIONS[f]: CONTENT_TYPES[f] for f in CONTENT_TYPES}
+_FILE_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png)")  # what Sandbox._store names files
 # Art is drawn on a small canvas and scaled up: cheap at any output size.
 _CANVAS_SIDE = 96
 
@@ -58,28 +64,60 @@ class StoredFile:
 
 
 class FileStore:
-    """Generated files in memory, least recently used evicted past ``max_bytes``."""
+    """Generated files, least recently used evicted past ``max_bytes``.
 
-    def __init__(self, max_bytes: int) -> None:
+    In memory by default; with ``directory`` (the embedded sandbox uses the gateway's data
+    dir) every file is written there (mode 600) and served from there, so the image URLs a
+    gateway handed out keep working after a restart.
+    """
+
+    def __init__(self, max_bytes: int, directory: Path | None = None) -> None:
         self.max_bytes = max_bytes
+        self.directory = directory
         self._files: OrderedDict[str, StoredFile] = OrderedDict()
+        self._on_disk: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
         self._size = 0
+        if directory is not None:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            found = [f for f in directory.iterdir() if _FILE_NAME.fullmatch(f.name)]
+            for path in sorted(found, key=lambda f: f.stat().st_mtime):
+                size = path.stat().st_size
+                self._on_disk[path.name] = size
+                self._size += size
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
         self._drop(name)
-        self._files[name] = StoredFile(data, content_type)
+        if self.directory is not None:
+            fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            self._on_disk[name] = len(data)
+        else:
+            self._files[name] = StoredFile(data, content_type)
         self._size += len(data)
-        while self._size > self.max_bytes and self._files:
-            oldest = next(iter(self._files))
+        while self._size > self.max_bytes and (self._files or self._on_disk):
+            oldest = next(iter(self._files or self._on_disk))
             self._drop(oldest)
 
     def get(self, name: str) -> StoredFile | None:
+        if self.directory is not None:
+            if name not in self._on_disk:
+                return None
+            try:
+                data = (self.directory / name).read_bytes()
+            except OSError:
+                return None
+            self._on_disk.move_to_end(name)
+            extension = name.rsplit(".", 1)[-1]
+            return StoredFile(data, _TYPE_BY_EXTENSION.get(extension, "application/octet-stream"))
         stored = self._files.get(name)
         if stored is not None:
             self._files.move_to_end(name)
         return stored
 
     def clear(self) -> None:
+        for name in list(self._on_disk):
+            self._drop(name)
         self._files.clear()
         self._size = 0
 
@@ -87,3 +125,8 @@ class FileStore:
         stored = self._files.pop(name, None)
         if stored is not None:
             self._size -= len(stored.data)
+        size = self._on_disk.pop(name, None)
+        if size is not None and self.directory is not None:
+            self._size -= size
+            with contextlib.suppress(OSError):
+                (self.directory / name).unlink()

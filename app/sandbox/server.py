@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Generator
+from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -139,14 +141,40 @@ async def embedded_sandbox(
     config: SandboxConfig | None = None,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    state_dir: Path | None = None,
 ) -> AsyncIterator[str]:
     """Run the sandbox inside the current process and event loop; yields its base URL.
 
     Use ``fal_run_url = base`` and ``fal_queue_url = base + "/queue"``. ``port=0`` picks a
     free port. The server stops (in-flight sandbox requests cancelled) when the block exits.
+    With ``state_dir``, generated files are kept in ``state_dir/sandbox-files`` and, for
+    ``port=0``, the port of the last run is reused when free: the file URLs handed out before
+    a restart keep working after it.
     """
-    app = create_sandbox_app(_config(config, latency_ms))
-    async with serve_app(
-        app, host, port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile
-    ) as base_url:
+    files_dir = None if state_dir is None else state_dir / "sandbox-files"
+    app = create_sandbox_app(_config(config, latency_ms), files_dir=files_dir)
+    port_file = None if state_dir is None or port else state_dir / "sandbox.port"
+    remembered = _read_port(port_file)
+
+    def serve(on_port: int) -> contextlib.AbstractAsyncContextManager[str]:
+        return serve_app(app, host, on_port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            base_url = await stack.enter_async_context(serve(remembered or port))
+        except OSError:  # the last run's port is taken now: any free one
+            if not remembered:
+                raise
+            base_url = await stack.enter_async_context(serve(port))
+        if port_file is not None:
+            fd = os.open(port_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(base_url.rsplit(":", 1)[1])
         yield base_url
+
+
+def _read_port(path: Path | None) -> int:
+    try:
+        return int(path.read_text().strip()) if path is not None else 0
+    except (OSError, ValueError):
+        return 0

@@ -314,11 +314,17 @@ class FalClient:
         if not isinstance(status, Mapping) or status.get("status") != "COMPLETED":
             return UpstreamOutcome(OutcomeState.PENDING)
         if status.get("error"):
+            if status.get("error_type") == "request_cancelled":
+                return UpstreamOutcome(OutcomeState.CANCELLED)
             return UpstreamOutcome(OutcomeState.FAILED)
         response = await self._send("GET", base, phase="result")
         if response.status_code == 404:
             return UpstreamOutcome(OutcomeState.UNKNOWN)
         if 400 <= response.status_code < 500 and response.status_code not in (401, 403, 429):
+            body = _body_of(response)
+            error_type = body.get("error_type") if isinstance(body, Mapping) else None
+            if error_type == "request_cancelled":
+                return UpstreamOutcome(OutcomeState.CANCELLED)
             return UpstreamOutcome(OutcomeState.FAILED)
         if response.status_code != 200:
             raise error_for(response, "result")
@@ -356,9 +362,8 @@ class FalClient:
         )
         return parse_result(_body_of(response), request_id)
 
-    async def _run_queued(
-        self, call: UpstreamCall, on_submitted: OnSubmitted | None, submitted: list[str]
-    ) -> UpstreamResult:
+    async def submit(self, call: UpstreamCall) -> str:
+        """Put a job in fal's queue and return fal's request id (the job is not followed)."""
         url = f"{self._queue_url}/{call.endpoint.strip('/')}"
         headers = {}
         if self._settings.upstream_queue_timeout_s > 1:
@@ -373,10 +378,16 @@ class FalClient:
         request_id = body.get("request_id") if isinstance(body, Mapping) else None
         if not isinstance(request_id, str) or not request_id:
             raise UpstreamError("fal accepted the request without a request id.")
-        submitted.append(request_id)
         log.info(
             "fal request submitted", extra={"endpoint": call.endpoint, "fal_request_id": request_id}
         )
+        return request_id
+
+    async def _run_queued(
+        self, call: UpstreamCall, on_submitted: OnSubmitted | None, submitted: list[str]
+    ) -> UpstreamResult:
+        request_id = await self.submit(call)
+        submitted.append(request_id)
         if on_submitted is not None:
             try:
                 await on_submitted(request_id)

@@ -44,7 +44,8 @@ class UpstreamResult:
 class OutcomeState(StrEnum):
     PENDING = "pending"  # still queued or running at fal
     COMPLETED = "completed"  # finished with images: bill them
-    FAILED = "failed"  # finished without a billable result (error, cancelled)
+    FAILED = "failed"  # finished without a billable result (an error)
+    CANCELLED = "cancelled"  # cancelled before it produced a result
     UNKNOWN = "unknown"  # fal does not know the request (expired, never existed)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -111,8 +112,11 @@ def test_admin_validation(gateway: Gateway) -> None:
 
 
 def test_expired_key_is_401(gateway: Gateway) -> None:
-    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
-    key_id, secret = gateway.create_key(name="old", expires_at=past)
+    # An expiry must be in the future when it is set (a past one is a 400): let one pass.
+    expiry = datetime.now(UTC) + timedelta(seconds=1)
+    key_id, secret = gateway.create_key(name="old", expires_at=expiry.isoformat())
+    while datetime.now(UTC) <= expiry + timedelta(milliseconds=50):
+        time.sleep(0.05)
     with gateway.client(secret) as client:
         error = _error(client.post(PRICE, json=BODY), 401, "unauthorized")
         assert "expired" in str(error["message"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import httpx
@@ -103,23 +104,29 @@ def test_openapi_document(gateway: Gateway) -> None:
 
 
 def test_documented_security_is_what_each_route_enforces(gateway: Gateway) -> None:
-    """The schemes are written into the document by path (not solved per request as FastAPI
-    security dependencies): every operation that says it needs credentials refuses without."""
+    """The key and admin schemes are written into the document by path (not solved per request
+    as FastAPI security dependencies): every operation that says it needs credentials refuses
+    a request without any."""
     doc = httpx.get(gateway.url + "/openapi.json").json()
-    assert set(doc["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader", "AdminToken"}
+    assert {"HTTPBearer", "APIKeyHeader", "SapiomTransaction", "AdminToken"} <= set(
+        doc["components"]["securitySchemes"]
+    )
+    key_schemes = {"HTTPBearer", "APIKeyHeader", "SapiomTransaction"}
     secured = 0
     for path, item in doc["paths"].items():
         for method, op in item.items():
             names = {name for option in op.get("security", []) for name in option}
-            url = gateway.url + path.replace("{model_id}", "fal-ai/flux/dev").replace(
-                "{key_id}", "key_x"
-            ).replace("{request_id}", "req_x")
+            url = gateway.url + re.sub(r"\{(\w+)\}", "x", path).replace(
+                "/run/x", "/run/fal-ai/flux/dev"
+            )
             if names:
                 secured += 1
                 response = httpx.request(method.upper(), url, json={})
                 assert response.status_code == 401, (method, path, response.status_code)
-                assert names == ({"AdminToken"} if path.startswith("/admin/") else
-                                 {"HTTPBearer", "APIKeyHeader"})  # fmt: skip
+                if path.startswith("/admin/"):
+                    assert names == {"AdminToken"}, (method, path)
+                elif not path.startswith(("/v1/transactions", "/v1/auth/")):
+                    assert names == key_schemes, (method, path)
             else:
                 assert not path.startswith(("/v1/", "/admin/")), (method, path)
     assert secured >= 18

@@ -98,7 +98,8 @@ def _run_fault(
             record = outcome.json()
             assert record["upstream_request_id"] == produced[0]["request_id"]
             assert micro(record["cost"]["amount_usd"] if record["cost"] else "0") == expected
-            assert record["status"] == ("completed" if expected else "failed")
+            # Nothing produced: fal failed it, or it was cancelled when the gateway gave up.
+            assert record["status"] in (("completed",) if expected else ("failed", "cancelled"))
         else:
             assert expected == 0
     sandbox.reset()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from app.errors import BudgetExceeded, Unauthorized, Unavailable
 from app.metering import Meter
+from app.metering.periods import PeriodStarts
+from app.settings import Settings
 
 
 async def admit(meter: Meter, key_id: str, request_id: str, amount: int, price: Any) -> Any:
@@ -195,3 +198,44 @@ async def test_a_repeated_settle_reports_the_recorded_cost(
     again = await meter.settle(admission, price(20_000))
     assert (first.charged, first.already_resolved) == (12_345, False)
     assert (again.charged, again.released, again.already_resolved) == (12_345, 17_655, True)
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "2024-02-29T23:59:59",  # a leap day, the last second of it
+        "2024-03-01T00:00:00",
+        "2025-12-31T23:59:59",
+        "2026-01-01T00:00:00",
+        "2100-02-28T12:00:00",  # not a leap year
+        "2000-02-29T06:00:00",  # a leap year although a century
+        "2026-12-01T21:00:00",
+    ],
+)
+async def test_periods_come_from_the_scripts_own_calendar(
+    r: Any, settings: Settings, make_key: Any, price: Any, moment: str
+) -> None:
+    """The day and month a charge counts against are computed inside the script from the
+    (Redis) clock, and agree with the UTC calendar at every boundary."""
+    at = datetime.fromisoformat(moment).replace(tzinfo=UTC).timestamp()
+    meter = Meter(r, settings, "proc_clock", clock=lambda: at)
+    await make_key("key_a", budget_micro=100_000, period="daily")
+    await meter.settle(await admit(meter, "key_a", "req_1", 1_000, price), price(1_000))
+    starts = PeriodStarts.at(at)
+    counters = await r.hgetall("{k:key_a}:budget")
+    assert counters[f"d:{starts.day}"] == counters[f"m:{starts.month}"] == "1000"
+    assert (await meter.usage("key_a"))["spent_usd"] == "0.001000"
+
+
+async def test_a_key_stored_without_a_period_is_enforced_as_shown_monthly(
+    r: Any, settings: Settings, make_key: Any, price: Any
+) -> None:
+    now = [datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp()]
+    meter = Meter(r, settings, "proc_clock", clock=lambda: now[0])
+    await make_key("key_a", budget_micro=10_000, period="")
+    assert (await meter.usage("key_a"))["period"] == "monthly"
+    await meter.settle(await admit(meter, "key_a", "req_1", 10_000, price), price(10_000))
+    with pytest.raises(BudgetExceeded):
+        await admit(meter, "key_a", "req_2", 1, price)
+    now[0] = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC).timestamp()  # a new month
+    assert (await admit(meter, "key_a", "req_3", 10_000, price)).remaining == 0

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from app.errors import UpstreamError, add_exception_handlers
 from app.metering import Meter
 from app.metering.http import idempotent
+from app.metering.meter import RequestRecord
 from app.settings import Settings
 
 
@@ -32,7 +33,10 @@ def make_app(r: Any, settings: Settings) -> tuple[FastAPI, list[int]]:
                 raise UpstreamError("fal failed")
             return JSONResponse({"run": len(runs)}, headers={"X-Cost-USD": "0.000001"})
 
-        return await idempotent(request, "key_a", handler)
+        def replay(record: RequestRecord) -> Response:
+            return JSONResponse({"replayed": record.request_id})
+
+        return await idempotent(request, "key_a", handler, replay)
 
     return app, runs
 

@@ -25,7 +25,7 @@ async def test_outage_is_unavailable_then_recovers(
     try:
         meter = Meter(client, settings, "proc_a")
         gate = UpstreamGate(client, settings, "proc_a")
-        store = IdempotencyStore(client, settings, "proc_a")
+        store = IdempotencyStore(Meter(client, settings, "proc_a"))
         await write_key(client, "key_a", budget_micro=10_000)
 
         async def admit(rid: str) -> Any:

@@ -1,4 +1,4 @@
-"""The sweeper resolves the holds of dead processes exactly once, asking fal where it can.
+"""The resolver settles or releases holds whose lease ran out, exactly once, asking fal.
 
 "fal" here is the project's sandbox, served in-process, asked through the real ``FalClient``;
 each test makes real sandbox jobs in the state it needs (finished, still running, failed).
@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from app.metering import Meter
+from app.metering.lua import run_together
 from app.metering.sweeper import Sweeper
 from app.sandbox import SandboxControl, embedded_sandbox
 from app.settings import Settings
@@ -137,7 +138,6 @@ async def test_orphan_without_fal_id_is_released_and_its_slot_freed(
     await hold(dead_meter, "key_a", "req_1", 40_000, price)
     report = await sweeper.sweep_once()
     assert report.released == ["req_1"]
-    assert report.slots_freed == 1
     assert fal.asked == 0
     usage = await sweeper.meter.usage("key_a")
     assert (usage["held_usd"], usage["spent_usd"], usage["in_flight"]) == (
@@ -177,7 +177,7 @@ async def test_upscaler_result_without_sizes_settles_at_the_hold(
 
 
 async def test_pending_is_left_for_a_later_sweep_failed_is_released(
-    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+    dead_meter: Meter, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal, r: Any
 ) -> None:
     await make_key("key_a")
     first = await hold(dead_meter, "key_a", "req_1", 1_000, price)
@@ -197,24 +197,28 @@ async def test_pending_is_left_for_a_later_sweep_failed_is_released(
     await fal.control.reset()  # cancels the running job: fal finished it without a result
     done = await fal.image(1000, 1000)
     await dead_meter.attach_upstream(first, done)  # the hold now points at a finished job
+    assert (await sweeper.sweep_once()).pending == []  # claimed: not asked again at once
+    await r.zadd("{k:key_a}:leases", {"req_1": 0})  # ... until the claim ran out
     report = await sweeper.sweep_once()
     assert report.settled == ["req_1"]
     usage = await sweeper.meter.usage("key_a")
     assert (usage["held_usd"], usage["spent_usd"]) == ("0.000000", "0.001000")
 
 
-async def test_live_processes_are_left_alone(
+async def test_holds_within_their_lease_are_left_alone(
     r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
-    live = Sweeper(r, settings, "proc_live", fal.client)
-    await live.heartbeat()
-    await hold(
-        Meter(r, settings, "proc_live", clock=lambda: time.time() - 60), "key_a", "r", 5, price
-    )
+    live = Meter(r, settings, "proc_live")
+    await hold(live, "key_a", "r", 5, price)
     report = await sweeper.sweep_once()
-    assert (report.released, report.settled, report.slots_freed) == ([], [], 0)
+    assert (report.released, report.settled, report.pending) == ([], [], [])
     assert (await sweeper.meter.usage("key_a"))["held_usd"] == "0.000005"
+    # Its request renews the lease while it lives; once that stops, the lease runs out.
+    (renewed,) = await run_together(r, live.renew_call("key_a", ["r"]))
+    assert renewed == 1
+    await r.zadd("{k:key_a}:leases", {"r": 0})
+    assert (await sweeper.sweep_once()).released == ["r"]
 
 
 async def test_two_sweepers_racing_resolve_each_hold_exactly_once(
@@ -267,14 +271,15 @@ async def test_lease_is_taken_on_start_and_given_up_on_stop(
     assert not await r.exists("falgate:proc:proc_x")
 
 
-async def test_a_hold_older_than_any_request_is_resolved_even_if_its_process_lives(
+async def test_a_hold_whose_lease_ran_out_is_resolved_even_if_its_process_lives(
     r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
 ) -> None:
     await make_key("key_a")
     live = Sweeper(r, settings, "proc_live", fal.client)
     await live.heartbeat()
     lost = Meter(r, settings, "proc_live", clock=lambda: time.time() - 3 * 3600)
-    await hold(lost, "key_a", "req_lost", 5, price)  # its settle never reached Redis
+    await hold(lost, "key_a", "req_lost", 5, price)  # its settle never reached Redis, and
+    # its request stopped renewing the lease long ago
     report = await sweeper.sweep_once()
     assert report.released == ["req_lost"]
     assert (await sweeper.meter.usage("key_a"))["held_usd"] == "0.000000"

@@ -56,9 +56,11 @@ def test_generation_is_logged_once_and_counted(gateway: Any) -> None:
             headers={"X-Request-Id": request_id},
         )
     assert response.status_code == 200, response.text
-    assert response.headers["x-request-id"] == request_id
+    assert response.headers["x-client-request-id"] == request_id
+    assert response.headers["x-request-id"].startswith("req_")
 
-    line = _access_line(gateway, request_id)
+    line = _access_line(gateway, response.headers["x-request-id"])
+    assert line["client_request_id"] == request_id
     assert line["route"] == "/v1/generate" and line["status"] == 200
     assert line["key_id"] == key_id
     assert line["model"] == "fal-ai/flux/dev"

@@ -93,7 +93,8 @@ async def test_readyz_is_503_in_the_error_envelope_when_redis_is_down() -> None:
     assert response.status_code == 503
     error = response.json()["error"]
     assert error["type"] == "unavailable"
-    assert error["request_id"] == "probe-1"
+    assert error["request_id"] == response.headers["X-Request-Id"]
+    assert response.headers["X-Client-Request-Id"] == "probe-1"
     assert error["checks"] == {"redis": "failed", "upstream": "ok"}
     assert _sample(metrics, "falgate_redis_errors_total", operation="readyz") == 1
 

@@ -89,7 +89,9 @@ def test_every_line_is_json_and_each_request_logs_once(server: Server) -> None:
     server.stop()
 
     assert ok.status_code == 200
-    assert ok.headers["x-request-id"] == "client-abc.123"
+    # The client's id is echoed as its correlation id; the request's id is the gateway's own.
+    assert ok.headers["x-client-request-id"] == "client-abc.123"
+    assert ok.headers["x-request-id"].startswith("req_")
     assert missing.status_code == 404
     assert missing.headers["x-request-id"].startswith("req_")
     assert missing.json()["error"]["request_id"] == missing.headers["x-request-id"]
@@ -104,7 +106,8 @@ def test_every_line_is_json_and_each_request_logs_once(server: Server) -> None:
     run = [a for a in access if a["route"] == "/v1/run/{model_id}"]
     assert len(run) == 1
     assert run[0] | {"latency_ms": 0, "ts": "", "client": None} == run[0] | {
-        "request_id": "client-abc.123",
+        "request_id": ok.headers["x-request-id"],
+        "client_request_id": "client-abc.123",
         "method": "POST",
         "path": "/v1/run/fal-ai/flux/dev",
         "status": 200,
@@ -123,7 +126,7 @@ def test_every_line_is_json_and_each_request_logs_once(server: Server) -> None:
 
     # Lines logged while serving a request carry its id.
     demo = [line for line in lines if line["logger"] == "falgate.demo" and "request_id" in line]
-    assert demo and all(line["request_id"] == "client-abc.123" for line in demo)
+    assert demo and all(line["request_id"] == ok.headers["x-request-id"] for line in demo)
 
 
 def test_no_secret_reaches_the_logs(server: Server) -> None:

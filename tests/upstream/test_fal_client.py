@@ -122,7 +122,7 @@ async def test_outcome_of_each_kind_of_request(fal: FalClient, control: SandboxC
     assert await fal.cancel(FLUX, ids[0]) in ("OK", "CANCELLATION_REQUESTED")
     with pytest.raises(InvalidRequest):
         await task  # someone cancelled it under us: the result is fal's error
-    assert (await fal.outcome(FLUX, ids[0])).state is OutcomeState.FAILED
+    assert (await fal.outcome(FLUX, ids[0])).state is OutcomeState.CANCELLED
 
     await control.configure(faults=[{"kind": "error", "scope": "job", "status_code": 500}])
     with pytest.raises(UpstreamError):

@@ -1,0 +1,1 @@
+"""The Sapiom control plane (SPEC section 12): Sapiom-wrapped HTTP clients run against falgate."""
