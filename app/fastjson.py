@@ -26,6 +26,11 @@ def dumps(content: Any) -> bytes:
         return json.dumps(content, default=str, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def loads(data: str | bytes) -> Any:
+    """Parse JSON (raises ``ValueError`` on bad input, as ``json.loads`` does)."""
+    return orjson.loads(data)
+
+
 class FastJSONResponse(JSONResponse):
     """``JSONResponse`` rendered with orjson."""
 

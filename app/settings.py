@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     upstream_poll_interval_s: float = 0.1
     upstream_max_concurrent: int = 40
     upstream_queue_timeout_s: float = 30.0
+    # issue 15: the HTTP client under httpx for fal calls (app/upstream/transport.py), and
+    # whether queue mode follows fal's status stream (one call) instead of polling the status.
+    upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    upstream_status_stream: bool = True
 
     # --- sandbox -----------------------------------------------------------
     sandbox_url: str | None = None
