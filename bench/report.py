@@ -105,18 +105,22 @@ def _relative(result: dict[str, Any]) -> list[str]:
         for target, cmp in per_target.items()
         if cmp.get("throughput_vs_peer") is not None
         or cmp.get("throughput_vs_one_worker") is not None
+        or cmp.get("throughput_vs_old_upstream") is not None
     ]
     if not rows:
         return []
     peer = result["meta"].get("peer") or "peer"
     lines = [
-        f"| concurrency | target | req/s vs {peer} | CPU/req vs {peer} | req/s vs one worker |",
-        "|---:|---|---:|---:|---:|",
+        f"| concurrency | target | req/s vs {peer} | CPU/req vs {peer} | req/s vs one worker "
+        "| req/s vs old upstream path | CPU/req vs old upstream path |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for conc, target, cmp in rows:
         lines.append(
             f"| {conc} | {target} | {_ratio(cmp.get('throughput_vs_peer'))} "
-            f"| {_ratio(cmp.get('cpu_vs_peer'))} | {_ratio(cmp.get('throughput_vs_one_worker'))} |"
+            f"| {_ratio(cmp.get('cpu_vs_peer'))} | {_ratio(cmp.get('throughput_vs_one_worker'))} "
+            f"| {_ratio(cmp.get('throughput_vs_old_upstream'))} "
+            f"| {_ratio(cmp.get('cpu_vs_old_upstream'))} |"
         )
     return [*lines, ""]
 

@@ -201,7 +201,7 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
             if target == "sandbox" or target not in summary[str(conc)]:
                 continue
             ratios, added50, added99, cpu_over = [], [], [], []
-            vs_peer, cpu_vs_peer, vs_one_worker = [], [], []
+            vs_peer, cpu_vs_peer, vs_one_worker, vs_old, cpu_vs_old = [], [], [], [], []
             for run in range(profile.runs):
                 by = {m["target"]: m for m in rows if m["run"] == run}
                 if target not in by:
@@ -217,6 +217,10 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 one = by.get(several.group(1)) if several else None
                 if one is not None and one["rps"]:
                     vs_one_worker.append(by[target]["rps"] / one["rps"])
+                old = by.get(f"{target}-old")
+                if old is not None and old["rps"] and old["cpu_ms_per_request"]:
+                    vs_old.append(by[target]["rps"] / old["rps"])
+                    cpu_vs_old.append(by[target]["cpu_ms_per_request"] / old["cpu_ms_per_request"])
                 if "passthrough" in by and by["passthrough"]["rps"]:
                     ratios.append(by[target]["rps"] / by["passthrough"]["rps"])
                     cpu_over.append(
@@ -233,6 +237,8 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 "throughput_vs_peer": _median(vs_peer),
                 "cpu_vs_peer": _median(cpu_vs_peer),
                 "throughput_vs_one_worker": _median(vs_one_worker),
+                "throughput_vs_old_upstream": _median(vs_old),
+                "cpu_vs_old_upstream": _median(cpu_vs_old),
             }
     return {"summary": summary, "comparisons": comparisons}
 
@@ -489,6 +495,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure a sync gateway with this many worker processes (e.g. 2), at the "
         "highest concurrency only, against the one-worker gateway",
     )
+    parser.add_argument(
+        "--old-upstream",
+        action="store_true",
+        help="also measure each mode with the upstream path as before issue 15 (httpx's own "
+        "transport; queue mode polling the status), for same-run ratios",
+    )
     parser.add_argument("--out", type=Path, help="result file (default bench/results/<ts>.json)")
     parser.add_argument("--workdir", type=Path, help="where logs and Redis data go (kept)")
     return parser.parse_args(argv)
@@ -539,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": MODEL,
             "peer": args.peer,
             "workers": args.workers or None,
+            "old_upstream": args.old_upstream,
         }
     }
     services: list[stack.Service] = []
@@ -566,6 +579,22 @@ def main(argv: list[str] | None = None) -> int:
                     gateway.redis.process.pid if gateway.redis.process else None,
                 )
             )
+        if args.old_upstream:
+            old = {"FALGATE_UPSTREAM_TRANSPORT": "httpx", "FALGATE_UPSTREAM_STATUS_STREAM": "false"}
+            for mode in modes:
+                gateway = stack.start_gateway(
+                    workdir, sandbox.url, mode, variant="old", extra_env=old
+                )
+                gateways[f"{mode}-old"] = gateway
+                targets.append(
+                    Target(
+                        f"gateway-{mode}-old",
+                        f"{gateway.url}/v1/run/{MODEL}",
+                        f"Bearer {gateway.key}",
+                        gateway.service.pid,
+                        gateway.redis.process.pid if gateway.redis.process else None,
+                    )
+                )
         if args.workers > 1 and "sync" in modes:
             gateway = stack.start_gateway(workdir, sandbox.url, "sync", workers=args.workers)
             gateways[f"sync-{args.workers}w"] = gateway

@@ -185,10 +185,20 @@ GENEROUS_KEY = {
 }
 
 
-def start_gateway(workdir: Path, sandbox_url: str, mode: str, *, workers: int = 1) -> Gateway:
+def start_gateway(
+    workdir: Path,
+    sandbox_url: str,
+    mode: str,
+    *,
+    workers: int = 1,
+    variant: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> Gateway:
     """``falgate serve`` in ``mode`` (``sync``/``queue``) with its own Redis, plus one key;
-    ``workers`` > 1 runs that many server processes (``FALGATE_WORKERS``)."""
+    ``workers`` > 1 runs that many server processes (``FALGATE_WORKERS``); ``variant`` names a
+    gateway run with ``extra_env`` settings."""
     name = f"gateway-{mode}" if workers == 1 else f"gateway-{mode}-{workers}w"
+    name += f"-{variant}" if variant else ""
     data_dir = workdir / name
     data_dir.mkdir(parents=True, exist_ok=True)
     store = EmbeddedRedis(data_dir / "redis", persist=False)
@@ -208,6 +218,7 @@ def start_gateway(workdir: Path, sandbox_url: str, mode: str, *, workers: int = 
         "FALGATE_DEFAULT_RPM": "1000000",
         "FALGATE_DEFAULT_MAX_CONCURRENT": "10000",
         "FALGATE_WORKERS": str(workers),
+        **(extra_env or {}),
     }
     for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
         env.pop(name, None)

@@ -39,12 +39,14 @@ def test_ratios_against_the_peer_and_one_worker_are_per_run_medians() -> None:
             _row(run, "gateway-sync", 300 * slow, 2.4),
             _row(run, "gateway-sync-2w", (450 + 30 * run) * slow, 2.2),
             _row(run, "litellm", 100 * slow, 10.0),
+            _row(run, "gateway-sync-old", 200 * slow, 3.0),
         ]
     result = summarise(rows, profile)
     sync = result["comparisons"]["64"]["gateway-sync"]
     assert sync["throughput_vs_peer"] == 3.0
     assert sync["cpu_vs_peer"] == 0.24
     assert sync["throughput_vs_one_worker"] is None
+    assert (sync["throughput_vs_old_upstream"], sync["cpu_vs_old_upstream"]) == (1.5, 0.8)
     two = result["comparisons"]["64"]["gateway-sync-2w"]
     assert two["throughput_vs_one_worker"] == 1.6  # median of 1.5, 1.6, 1.7
     assert result["comparisons"]["64"]["litellm"]["throughput_vs_peer"] is None
@@ -56,5 +58,5 @@ def test_ratios_against_the_peer_and_one_worker_are_per_run_medians() -> None:
     assert targets["falgate's own CPU per request, concurrency 64 (gateway-sync)"]["met"] is False
 
     lines = report._relative(result)
-    assert "| 64 | gateway-sync | 3.00x | 0.24x | - |" in lines
-    assert "| 64 | gateway-sync-2w | 4.80x | 0.22x | 1.60x |" in lines
+    assert "| 64 | gateway-sync | 3.00x | 0.24x | - | 1.50x | 0.80x |" in lines
+    assert "| 64 | gateway-sync-2w | 4.80x | 0.22x | 1.60x | - | - |" in lines
