@@ -11,12 +11,15 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from app.errors import FalgateError
 from app.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from app.ops.tls import TlsFiles
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.ops.edge import edge_options
     from app.ops.logging import configure_logging, uvicorn_options
     from app.ops.metrics import metrics_of
+    from app.ops.tls import TlsConfigError, tls_files
     from app.redis import private_dir
 
     overrides: dict[str, Any] = {}
@@ -40,6 +44,15 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"falgate: {exc}", file=sys.stderr)
         return 2
+    try:
+        tls = tls_files(settings)
+    except TlsConfigError as exc:
+        print(f"falgate: {exc}", file=sys.stderr)
+        return 2
+    options = uvicorn_options(settings)
+    if tls is not None:
+        options.update(ssl_certfile=str(tls.certfile), ssl_keyfile=str(tls.keyfile))
+        _print_tls(settings, tls)
     configure_logging(settings)
     workers = args.workers if args.workers is not None else settings.workers
     if workers < 1:
@@ -48,16 +61,38 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         from app.ops.workers import serve_workers
 
-        return serve_workers(settings, workers, resolve_admin_token(settings))
+        return serve_workers(settings, workers, resolve_admin_token(settings), options)
     app = create_app(settings)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        **uvicorn_options(settings),
+        **options,
         **edge_options(settings, metrics_of(app)),
     )
     return 0
+
+
+def _print_tls(settings: Settings, tls: TlsFiles) -> None:
+    """Where the gateway is served over https, and (development CA) the one line that makes
+    fal's clients trust it."""
+    host = (
+        "localhost"
+        if settings.host in ("127.0.0.1", "0.0.0.0", "::", "localhost")
+        else settings.host
+    )
+    address = f"{host}:{settings.port}"
+    lines = [f"falgate: serving https://{address}"]
+    if tls.ca_file is not None:
+        ca = tls.ca_file.resolve()
+        lines += [
+            f"falgate: development CA (sandbox TLS): {ca}",
+            "falgate: fal's clients, in one copy-paste:",
+            f"  SSL_CERT_FILE={ca} FAL_RUN_HOST={address}/fal/run "
+            f"FAL_QUEUE_RUN_HOST={address}/fal/queue FAL_KEY=<falgate key>",
+            f"  NODE_EXTRA_CA_CERTS={ca}  # for @fal-ai/client (proxyUrl: https://{address}/fal/proxy)",
+        ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.catalog import Catalog
 from app.errors import Unauthorized, Unavailable
@@ -14,27 +15,18 @@ from app.redis import REDIS_ERRORS
 from app.sapiom.service import SapiomService
 from app.settings import Settings
 
-# The credentials are parsed by hand below (``Authorization: Key <key>`` is not a scheme
-# FastAPI knows), and their schemes are written into the OpenAPI document by
-# :func:`document_security` rather than declared as FastAPI security dependencies: those are
-# solved (and the headers parsed again) on every request just to be documented (issue 15).
+# Declared for the OpenAPI document (generated clients learn the schemes); parsed by hand
+# below because ``Authorization: Key <key>`` is not a scheme FastAPI knows.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` or `Key <key>`")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+_admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminToken")
 SAPIOM_TRANSACTION_HEADER = "x-sapiom-transaction-id"
-SECURITY_SCHEMES: dict[str, dict[str, str]] = {
-    "HTTPBearer": {
-        "type": "http",
-        "description": "`Authorization: Bearer <key>` or `Key <key>`",
-        "scheme": "bearer",
-    },
-    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-    "SapiomTransaction": {
-        "type": "apiKey",
-        "description": "A transaction from `POST /v1/transactions`: single use, for that request "
-        "only.",
-        "in": "header",
-        "name": "X-Sapiom-Transaction-Id",
-    },
-    "AdminToken": {"type": "http", "scheme": "bearer"},
-}
+_sapiom_transaction_header = APIKeyHeader(
+    name="X-Sapiom-Transaction-Id",
+    auto_error=False,
+    scheme_name="SapiomTransaction",
+    description="A transaction from `POST /v1/transactions`: single use, for that request only.",
+)
 
 
 # The accessors below are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in
@@ -79,7 +71,12 @@ def _sapiom_request_url(request: Request, sapiom: SapiomService) -> str | None:
     )
 
 
-async def current_key(request: Request) -> ApiKey:
+async def current_key(
+    request: Request,
+    _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    _k: Annotated[str | None, Depends(_api_key_header)],
+    _t: Annotated[str | None, Depends(_sapiom_transaction_header)],
+) -> ApiKey:
     """The calling key: from the key the request presents, or from a Sapiom transaction.
 
     A request with credentials (``Authorization``/``X-API-Key``) is that key's, exactly as
@@ -116,7 +113,10 @@ async def current_key(request: Request) -> ApiKey:
     return key
 
 
-async def require_admin(request: Request) -> None:
+async def require_admin(
+    request: Request,
+    _b: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
+) -> None:
     expected: str = request.app.state.admin_token
     header = request.headers.get("authorization", "")
     scheme, _, value = header.strip().partition(" ")
@@ -131,25 +131,3 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 KeysDep = Annotated[KeyService, Depends(get_keys)]
 AdminDep = Depends(require_admin)
-
-
-#: Which credentials each part of the API takes, for operations that declare none themselves:
-#: every other ``/v1`` route depends on :func:`current_key`, every ``/admin`` route on
-#: :func:`require_admin` (tests/api/test_catalog_and_prices.py checks that each refuses without).
-_SECURITY_BY_PREFIX: tuple[tuple[str, list[dict[str, list[str]]]], ...] = (
-    ("/v1/", [{"HTTPBearer": []}, {"APIKeyHeader": []}, {"SapiomTransaction": []}]),
-    ("/admin/", [{"AdminToken": []}]),
-)
-
-
-def document_security(schema: dict[str, Any]) -> None:
-    """Add the security schemes, and each operation's requirement, to an OpenAPI document."""
-    for path, item in schema.get("paths", {}).items():
-        requirement = next((r for p, r in _SECURITY_BY_PREFIX if path.startswith(p)), None)
-        if requirement is None:
-            continue
-        for operation in item.values():
-            if isinstance(operation, dict) and "security" not in operation:
-                operation["security"] = requirement
-    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-    schemes.update(SECURITY_SCHEMES)

@@ -2,6 +2,7 @@
 
 FalgateError                      (500, internal_error - never raised on purpose)
 ├── InvalidRequest                400 invalid_request
+│   └── UnsupportedFeature        400 unsupported (fal webhooks, fal storage uploads)
 ├── Unauthorized                  401 unauthorized
 ├── BudgetExceeded                402 budget_exceeded
 ├── Forbidden                     403 forbidden
@@ -57,6 +58,13 @@ class FalgateError(Exception):
 class InvalidRequest(FalgateError):
     status_code = 400
     type = "invalid_request"
+
+
+class UnsupportedFeature(InvalidRequest):
+    """A fal feature the gateway does not serve (webhooks, storage uploads): refused plainly,
+    never silently dropped."""
+
+    type = "unsupported"
 
 
 class Unauthorized(FalgateError):

@@ -19,8 +19,9 @@ from app import __version__
 from app.catalog import load_catalog
 from app.catalog.routes import router as catalog_router
 from app.dashboard import install_dashboard
-from app.deps import document_security
 from app.errors import add_exception_handlers
+from app.falapi.routes import router as fal_router
+from app.falapi.service import QueueFollower
 from app.generation.routes import router as generation_router
 from app.generation.service import MoneyPath
 from app.http import BodyLimitMiddleware
@@ -120,18 +121,19 @@ async def sandbox_welcome(settings: Settings, keys: KeyService, admin_token: str
     token_generated = not (
         settings.admin_token is not None and settings.admin_token.get_secret_value()
     )
+    scheme = "https" if settings.tls_self_signed or settings.tls_certfile else "http"
     _banner(
         [
             "falgate is running in SANDBOX MODE (no fal key): images come from the",
             "built-in fal emulator and cost nothing real.",
-            f"Gateway:       http://{settings.host}:{settings.port}",
-            f"Dashboard:     http://{settings.host}:{settings.port}/dashboard",
+            f"Gateway:       {scheme}://{settings.host}:{settings.port}",
+            f"Dashboard:     {scheme}://{settings.host}:{settings.port}/dashboard",
             f"Admin token:   {admin_token}"
             if token_generated
             else "Admin token:   (FALGATE_ADMIN_TOKEN)",
             f"API key (dev): {dev_key}",
             "Try:",
-            f"  curl http://{settings.host}:{settings.port}/v1/generate \\",
+            f"  curl {scheme}://{settings.host}:{settings.port}/v1/generate \\",
             f"    -H 'Authorization: Bearer {dev_key}' \\",
             "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
         ]
@@ -232,6 +234,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(sweeper.stop)
         app.state.sweeper = sweeper
         app.state.money = MoneyPath(meter, gate, fal, app.state.inflight, leases, deferred, sweeper)
+        fal_follower = QueueFollower(app.state.money, settings)  # fal's queue API (falapi)
+        stack.push_async_callback(fal_follower.stop)
+        app.state.fal_follower = fal_follower
 
         if settings.sandbox_mode and not is_worker():  # a worker's parent already did this
             await sandbox_welcome(settings, keys, app.state.admin_token)
@@ -262,6 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "admin", "description": "Keys, usage and ledger (admin token)."},
             {"name": "operations", "description": "Health and metrics."},
             {"name": "sapiom", "description": "The control plane of Sapiom-wrapped clients."},
+            {"name": "fal", "description": "fal's own API, for fal's official clients."},
         ],
     )
     app.state.settings = settings
@@ -274,6 +280,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage_router)
     app.include_router(usage_admin_router)
     app.include_router(sapiom_router)
+    app.include_router(fal_router)  # fal's own API (SPEC section 11)
     install_dashboard(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(
@@ -296,11 +303,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
             tags=app.openapi_tags,
         )
-        for item in schema.get("paths", {}).values():
+        for path, item in schema.get("paths", {}).items():
+            if path.startswith("/fal/"):
+                continue  # fal's own API answers validation errors with 422, as fal does
             for operation in item.values():
                 if isinstance(operation, dict):
                     operation.get("responses", {}).pop("422", None)
-        document_security(schema)
         schemas = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)

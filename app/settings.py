@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     public_url: str | None = None
     shutdown_grace_s: int = 25  # uvicorn timeout_graceful_shutdown; in-flight work drains
+    # TLS for `falgate serve` (SPEC section 11): a certificate and key, or in sandbox mode a
+    # development CA and certificate created in <data dir>/tls.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_self_signed: bool = False
     workers: int = Field(default=1, ge=1)  # server processes on one port (app/ops/workers.py)
 
     # --- state -------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from app.errors import InvalidRequest, ModelNotFound
 from app.money import parse_usd
@@ -25,6 +26,10 @@ KNOWN_PARAMS = frozenset(
 )
 MAX_STEPS = 100
 DEFAULT_STEPS = 28
+#: fal input fields an endpoint is assumed to take (besides its priced ones) when its catalog
+#: entry does not list them: the switches nearly every fal image model has.
+DEFAULT_FAL_FIELDS = ("sync_mode", "enable_safety_checker")
+FalKind = Literal["text_to_image", "image_to_image", "upscale"]
 
 
 class CatalogError(ValueError):
@@ -45,6 +50,11 @@ class ModelEntry:
     format_param: str = "output_format"
     max_steps: int = MAX_STEPS
     default_steps: int = DEFAULT_STEPS
+    # fal input fields each endpoint accepts on fal's own API (``/fal/...``), price-deciding
+    # ones included; ``fal_image_size`` is the endpoint's own default size on that API.
+    fal_fields: frozenset[str] = frozenset()
+    image_to_image_fal_fields: frozenset[str] = frozenset()
+    fal_image_size: str = "landscape_4_3"
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,22 @@ class UpscalerEntry:
     endpoint: str
     factor_param: str
     params: frozenset[str]
+    fal_fields: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class FalEndpoint:
+    """A fal endpoint id served on fal's own API, with the catalog entry that prices it.
+
+    ``fields`` are the fal input fields it accepts; the price-deciding ones among them are
+    validated like ``/v1``, the rest are passed on to fal as sent.
+    """
+
+    id: str
+    kind: FalKind
+    model: ModelEntry | None
+    upscaler: UpscalerEntry | None
+    fields: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -85,6 +111,37 @@ class Catalog:
             raise ModelNotFound(f"Unknown upscaler '{_clip(name)}'.", param="model")
         return entry
 
+    @cached_property
+    def fal_endpoints(self) -> dict[str, FalEndpoint]:
+        """Every fal endpoint id the catalog prices: each model's text-to-image and
+        image-to-image endpoints and each upscaler's endpoint (first declaration wins)."""
+        found: dict[str, FalEndpoint] = {}
+        for m in self.models.values():
+            found.setdefault(
+                m.text_to_image,
+                FalEndpoint(m.text_to_image, "text_to_image", m, None, m.fal_fields),
+            )
+            if m.image_to_image is not None:
+                found.setdefault(
+                    m.image_to_image,
+                    FalEndpoint(
+                        m.image_to_image, "image_to_image", m, None, m.image_to_image_fal_fields
+                    ),
+                )
+        for u in self.upscalers.values():
+            found.setdefault(u.endpoint, FalEndpoint(u.endpoint, "upscale", None, u, u.fal_fields))
+        return found
+
+    def fal_endpoint(self, endpoint_id: str) -> FalEndpoint:
+        """A fal endpoint id the catalog prices; any other is a 404."""
+        entry = self.fal_endpoints.get(endpoint_id.strip("/"))
+        if entry is None:
+            raise ModelNotFound(
+                f"Application '{_clip(endpoint_id)}' is not available on this gateway.",
+                param="model",
+            )
+        return entry
+
 
 def _clip(name: str) -> str:
     return name if len(name) <= 100 else name[:100] + "..."
@@ -109,23 +166,50 @@ def _params(raw: Any, where: str) -> frozenset[str]:
     return frozenset(raw)
 
 
+def _fal_fields(
+    raw: Any, priced: frozenset[str], extra: tuple[str, ...], where: str
+) -> frozenset[str]:
+    """The fal input fields an endpoint accepts: the listed ones, else its priced params plus
+    ``extra`` and the common switches."""
+    if raw is None:
+        return frozenset({*priced, *extra, *DEFAULT_FAL_FIELDS})
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        raise CatalogError(f"{where}: fal_fields must be a list of strings")
+    return frozenset(raw)
+
+
 def _model(raw: dict[str, Any]) -> ModelEntry:
     where = f"model {raw.get('id')!r}"
     try:
         max_steps = int(raw.get("max_steps", MAX_STEPS))
         if not 1 <= max_steps <= MAX_STEPS:
             raise CatalogError(f"{where}: max_steps must be 1..{MAX_STEPS}")
+        params = _params(raw.get("params", sorted(KNOWN_PARAMS - {"strength"})), where)
+        i2i_params = _params(raw.get("image_to_image_params", []), where)
+        format_param = str(raw.get("format_param", "output_format"))
+
+        def fal_names(taken: frozenset[str]) -> frozenset[str]:
+            return frozenset(format_param if p == "output_format" else p for p in taken)
+
         return ModelEntry(
             id=str(raw["id"]),
             alias=raw.get("alias"),
             text_to_image=str(raw["text_to_image"]),
             image_to_image=raw.get("image_to_image"),
             unit_price=_price(raw["usd_per_mp"], where),
-            params=_params(raw.get("params", sorted(KNOWN_PARAMS - {"strength"})), where),
-            image_to_image_params=_params(raw.get("image_to_image_params", []), where),
-            format_param=str(raw.get("format_param", "output_format")),
+            params=params,
+            image_to_image_params=i2i_params,
+            format_param=format_param,
             max_steps=max_steps,
             default_steps=min(int(raw.get("default_steps", DEFAULT_STEPS)), max_steps),
+            fal_fields=_fal_fields(raw.get("fal_fields"), fal_names(params), ("prompt",), where),
+            image_to_image_fal_fields=_fal_fields(
+                raw.get("image_to_image_fal_fields"),
+                fal_names(i2i_params),
+                ("prompt", "image_url"),
+                where,
+            ),
+            fal_image_size=str(raw.get("fal_image_size", "landscape_4_3")),
         )
     except KeyError as exc:
         raise CatalogError(f"{where}: missing {exc.args[0]!r}") from exc
@@ -134,11 +218,16 @@ def _model(raw: dict[str, Any]) -> ModelEntry:
 def _upscaler(raw: dict[str, Any]) -> UpscalerEntry:
     where = f"upscaler {raw.get('id')!r}"
     try:
+        params = _params(raw.get("params", []), where)
+        factor_param = str(raw.get("factor_param", "upscale_factor"))
         return UpscalerEntry(
             id=str(raw["id"]),
             endpoint=str(raw["endpoint"]),
-            factor_param=str(raw.get("factor_param", "upscale_factor")),
-            params=_params(raw.get("params", []), where),
+            factor_param=factor_param,
+            params=params,
+            fal_fields=_fal_fields(
+                raw.get("fal_fields"), params, ("image_url", factor_param), where
+            ),
         )
     except KeyError as exc:
         raise CatalogError(f"{where}: missing {exc.args[0]!r}") from exc

@@ -19,6 +19,7 @@ KEY_FIELDS = (
     "models",
     "expires_at",
 )
+_COUNTS = ("rpm", "max_concurrent")
 # Fields an edit may clear: blank means unlimited / the gateway default / every model / never.
 _CLEARABLE = ("budget_usd", "rpm", "max_concurrent", "models", "expires_at")
 
@@ -43,7 +44,12 @@ def _raw_fields(form: Mapping[str, str], *, blanks_clear: bool) -> dict[str, obj
             if blanks_clear and name in _CLEARABLE:
                 raw[name] = None
             continue
-        raw[name] = _models(value) if name == "models" else value
+        if name == "models":
+            raw[name] = _models(value)
+        elif name in _COUNTS and value.isdigit():
+            raw[name] = int(value)  # a form sends text; the admin API takes JSON numbers only
+        else:
+            raw[name] = value
     return raw
 
 

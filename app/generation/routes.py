@@ -114,7 +114,8 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-async def _execute(request: Request, key: Any, job: service.Job) -> service.Outcome:
+async def execute_metered(request: Request, key: Any, job: service.Job) -> service.Outcome:
+    """Run a job on the money path for this request (cancelled if the client goes away)."""
     state = request.app.state
     request.state.model = job.model_id
     request.state.prompt = job.prompt
@@ -132,7 +133,9 @@ def _cost(outcome: service.Outcome) -> dict[str, Any]:
     return {"amount_usd": format_usd(outcome.charged), "megapixels": pixels / 1_000_000}
 
 
-def _metered(request: Request, outcome: service.Outcome, body: dict[str, Any]) -> JSONResponse:
+def metered_response(
+    request: Request, outcome: service.Outcome, body: dict[str, Any]
+) -> JSONResponse:
     headers = {"X-Request-Id": request_id_of(request), "X-Cost-USD": format_usd(outcome.charged)}
     if outcome.remaining is not None:
         headers["X-Budget-Remaining-USD"] = format_usd(outcome.remaining)
@@ -156,7 +159,7 @@ def _generated(request: Request, outcome: service.Outcome) -> JSONResponse:
         "prompt": outcome.job.prompt,
         "cost": _cost(outcome),
     }
-    return _metered(request, outcome, body)
+    return metered_response(request, outcome, body)
 
 
 def _replay(record: RequestRecord) -> JSONResponse:
@@ -212,7 +215,7 @@ async def run(
 ) -> Response:
     async def handle() -> Response:
         job = service.plan_generate(catalog, settings, key, model_id, body)
-        return _generated(request, await _execute(request, key, job))
+        return _generated(request, await execute_metered(request, key, job))
 
     return await idempotent(request, key.id, handle, _replay)
 
@@ -236,7 +239,7 @@ async def generate(
 ) -> Response:
     async def handle() -> Response:
         job = service.plan_generate(catalog, settings, key, body.model or DEFAULT_MODEL, body)
-        return _generated(request, await _execute(request, key, job))
+        return _generated(request, await execute_metered(request, key, job))
 
     return await idempotent(request, key.id, handle, _replay)
 
@@ -263,7 +266,7 @@ async def transform(
     async def handle() -> Response:
         job = service.plan_transform(catalog, settings, key, body)
         await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
-        return _generated(request, await _execute(request, key, job))
+        return _generated(request, await execute_metered(request, key, job))
 
     return await idempotent(request, key.id, handle, _replay)
 
@@ -293,10 +296,10 @@ async def upscale(
 ) -> Response:
     async def handle() -> Response:
         job = await service.plan_upscale(catalog, settings, key, body, request.app.state.http)
-        outcome = await _execute(request, key, job)
+        outcome = await execute_metered(request, key, job)
         if not outcome.images:
             raise UpstreamError("fal returned no image.")
         image = _image_json(outcome.images[0])
-        return _metered(request, outcome, {"image": image, "cost": _cost(outcome)})
+        return metered_response(request, outcome, {"image": image, "cost": _cost(outcome)})
 
     return await idempotent(request, key.id, handle, _replay)

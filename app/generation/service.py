@@ -68,6 +68,7 @@ class Outcome:
     remaining: int | None
     headers: dict[str, str] = field(default_factory=dict)
     upstream_request_id: str | None = None
+    result: UpstreamResult | None = None  # fal's output as fal sent it (fal's own API)
 
 
 def _check_output_pixels(width: int, height: int, settings: Settings) -> None:
@@ -485,4 +486,5 @@ async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
         remaining=settlement.remaining,
         headers=dict(admission.headers),
         upstream_request_id=upstream_id,
+        result=result,
     )

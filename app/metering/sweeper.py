@@ -39,6 +39,7 @@ from app.upstream.types import OutcomeState, UpstreamOutcome
 log = logging.getLogger("falgate.sweeper")
 
 _BATCH = 200
+_FOLLOW_CLAIM_MS = 250  # resolve_one(follow=True): how long its claim keeps others away
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -152,18 +153,29 @@ class Sweeper:
             for request_id in due:
                 await self._resolve(key_id, text(request_id), report)
 
-    async def resolve_one(self, key_id: str, request_id: str) -> SweepReport:
+    async def resolve_one(
+        self, key_id: str, request_id: str, *, follow: bool = False
+    ) -> SweepReport:
         """Resolve one hold now if it is due (e.g. its client just asked fal's queue API for
-        the result, or cancelled it), instead of waiting for the next sweep."""
+        the result, or cancelled it), instead of waiting for the next sweep.
+
+        ``follow``: for a job handed to the resolver (fal's queue API) that someone is
+        watching, ask fal even if another resolver's claim on it has not run out yet, and
+        claim it only briefly: a still-pending job is looked at again on the next call, not a
+        whole claim later. Resolving stays exactly-once (resolve.lua).
+        """
         report = SweepReport()
-        await self._resolve(key_id, request_id, report)
+        await self._resolve(key_id, request_id, report, follow=follow)
         return report
 
-    async def _resolve(self, key_id: str, request_id: str, report: SweepReport) -> None:
+    async def _resolve(
+        self, key_id: str, request_id: str, report: SweepReport, *, follow: bool = False
+    ) -> None:
+        claim: list[str | int | float] = (
+            [request_id, _FOLLOW_CLAIM_MS, 1] if follow else [request_id, self.claim_ms, 0]
+        )
         with store_errors():
-            raw = await self._claim(
-                [keyspace.holds(key_id), keyspace.leases(key_id)], [request_id, self.claim_ms]
-            )
+            raw = await self._claim([keyspace.holds(key_id), keyspace.leases(key_id)], claim)
         if not raw:
             return
         hold = json.loads(text(raw))

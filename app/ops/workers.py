@@ -154,8 +154,13 @@ async def _welcome(settings: Settings, admin_token: str) -> None:
         await redis.aclose()
 
 
-def serve_workers(settings: Settings, workers: int, admin_token: str) -> int:
-    """Run ``workers`` gateway processes on ``settings.host:settings.port`` until a signal."""
+def serve_workers(
+    settings: Settings, workers: int, admin_token: str, options: dict[str, Any] | None = None
+) -> int:
+    """Run ``workers`` gateway processes on ``settings.host:settings.port`` until a signal.
+
+    ``options``: uvicorn keyword arguments from ``falgate serve`` (TLS files); the logging ones
+    are made again here, once the embedded Redis's password is known (the logs blank it)."""
     import uvicorn
 
     from app.ops.edge import raise_open_file_limit
@@ -199,7 +204,6 @@ def serve_workers(settings: Settings, workers: int, admin_token: str) -> int:
             port=settings.port,
             workers=workers,
             http="app.ops.workers:WorkerEdgeProtocol",
-            **uvicorn_options(settings),
-            **keep_alive,
+            **{**(options or {}), **uvicorn_options(settings), **keep_alive},
         )
     return 0

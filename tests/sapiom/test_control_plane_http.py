@@ -265,8 +265,9 @@ def test_revoked_expired_and_exhausted_keys_are_denied_up_front(
     revoked_id, revoked = gateway.create_key(name="sapiom-revoked")
     with gateway.admin() as admin:
         assert admin.delete(f"/admin/keys/{revoked_id}").status_code == 200
-    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-    _, expired = gateway.create_key(name="sapiom-expired", expires_at=past)
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    _, expired = gateway.create_key(name="sapiom-expired", expires_at=soon)
+    time.sleep(1.2)  # an expiry must be in the future when it is set
     _, exhausted = gateway.create_key(
         name="sapiom-exhausted", budget_usd=f"{SQUARE_COST / 1e6:.6f}", budget_period="total"
     )

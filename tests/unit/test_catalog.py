@@ -128,3 +128,45 @@ def test_bad_catalog_files_are_refused(tmp_path: Path, body: str) -> None:
     path.write_text(body)
     with pytest.raises(CatalogError):
         load_catalog(path)
+
+
+def test_fal_endpoint_ids_map_to_their_catalog_entries() -> None:
+    endpoints = load_catalog().fal_endpoints
+    assert {
+        "fal-ai/flux/dev",
+        "fal-ai/flux/dev/image-to-image",
+        "fal-ai/flux/schnell",
+        "fal-ai/flux-pro/v1.1",
+        "fal-ai/fast-sdxl",
+        "fal-ai/fast-sdxl/image-to-image",
+        "fal-ai/topaz/upscale/image",
+        "fal-ai/esrgan",
+        "fal-ai/clarity-upscaler",
+    } <= set(endpoints)
+    sdxl = endpoints["fal-ai/fast-sdxl"]
+    assert sdxl.kind == "text_to_image" and sdxl.model is not None
+    assert (
+        sdxl.model.id == "fal-ai/stable-diffusion-xl" and sdxl.model.fal_image_size == "square_hd"
+    )
+    assert {"format", "sync_mode", "negative_prompt"} <= sdxl.fields
+    assert "output_format" not in sdxl.fields
+    i2i = endpoints["fal-ai/flux/dev/image-to-image"]
+    assert i2i.kind == "image_to_image" and "image_size" not in i2i.fields
+    esrgan = endpoints["fal-ai/esrgan"]
+    assert esrgan.kind == "upscale" and esrgan.upscaler is not None and "scale" in esrgan.fields
+    with pytest.raises(ModelNotFound):
+        load_catalog().fal_endpoint("fal-ai/flux")  # a catalog id, not a fal endpoint id
+
+
+def test_operator_models_are_served_on_fals_api(tmp_path: Path) -> None:
+    override = tmp_path / "catalog.toml"
+    override.write_text(
+        '[[models]]\nid = "fal-ai/flux-krea"\ntext_to_image = "fal-ai/flux/krea"\n'
+        'usd_per_mp = "0.02"\nparams = ["image_size", "num_images", "seed"]\n'
+    )
+    endpoint = load_catalog(override).fal_endpoint("fal-ai/flux/krea")
+    assert endpoint.model is not None and endpoint.model.unit_price == 20_000
+    # Without `fal_fields`: the priced params, the prompt and the common switches.
+    assert endpoint.fields == {
+        "prompt", "image_size", "num_images", "seed", "sync_mode", "enable_safety_checker"
+    }  # fmt: skip
