@@ -8,6 +8,7 @@ FalgateError                      (500, internal_error - never raised on purpose
 ├── Forbidden                     403 forbidden
 ├── NotFound                      404 not_found
 │   └── ModelNotFound             404 model_not_found
+├── RequestTimeout                408 request_timeout
 ├── IdempotencyConflict           409 idempotency_conflict
 ├── PayloadTooLarge               413 payload_too_large
 ├── RateLimited                   429 rate_limited
@@ -28,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.fastjson import FastJSONResponse
 
@@ -91,6 +93,13 @@ class ModelNotFound(NotFound):
     type = "model_not_found"
 
 
+class RequestTimeout(FalgateError):
+    """The body stopped arriving (raised as such by ``app.http.BodyLimitMiddleware``)."""
+
+    status_code = 408
+    type = "request_timeout"
+
+
 class IdempotencyConflict(FalgateError):
     status_code = 409
     type = "idempotency_conflict"
@@ -127,6 +136,21 @@ class Unavailable(FalgateError):
 class UpstreamTimeout(FalgateError):
     status_code = 504
     type = "upstream_timeout"
+
+
+def _error_types() -> tuple[str, ...]:
+    """Every ``type`` the envelope can carry, from the hierarchy above."""
+    seen: list[str] = []
+    pending: list[type[FalgateError]] = [FalgateError]
+    while pending:
+        cls = pending.pop(0)
+        if cls.type not in seen:
+            seen.append(cls.type)
+        pending.extend(cls.__subclasses__())
+    return tuple(seen)
+
+
+ERROR_TYPES = _error_types()
 
 
 def request_id_of(request: Request) -> str:
@@ -169,8 +193,10 @@ def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
     pydantic names the union member it tried in the location (a class name or a tag such as
     ``literal['a','b']``); those are not fields.
     """
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else []
-    if not parts and loc and loc[0] not in ("body", "query", "path", "header"):
+    if loc and loc[0] in ("query", "path", "header", "cookie") and len(loc) > 1:
+        return str(loc[1])  # a parameter's own name, as sent ("Idempotency-Key")
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] == "body" else []
+    if not parts and loc and loc[0] not in ("body", "query", "path", "header", "cookie"):
         parts = [str(p) for p in loc]
     fields = [p for p in parts if not (p[:1].isupper() or "[" in p or p.startswith("function-"))]
     return ".".join(fields) or None
@@ -209,6 +235,25 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for '{field}': {msg}.", param=field)
 
 
+def _leaf_routes(routes: list[Any]) -> list[Any]:
+    """The app's routes, with those of included routers in place of the routers."""
+    leaves: list[Any] = []
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI's included-router node
+        leaves += _leaf_routes(included.routes) if included is not None else [route]
+    return leaves
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path takes (the router names only the first route's)."""
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def content_type_error(request: Request, exc: RequestValidationError) -> InvalidRequest | None:
     """A body refused because it was not sent as JSON: say which header to send."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -241,7 +286,11 @@ def add_exception_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             mapped = NotFound("No such route.")
         elif exc.status_code == 405:
-            mapped = InvalidRequest("Method not allowed on this route.")
+            allow = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+            mapped = InvalidRequest(
+                f"Method {request.method} is not allowed on this route; it takes {allow}.",
+                headers={"Allow": allow},
+            )
             mapped.status_code = 405
         else:
             mapped = FalgateError(str(exc.detail))

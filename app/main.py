@@ -9,10 +9,8 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from redis.asyncio import Redis
 
 from app import __version__
@@ -35,6 +33,7 @@ from app.metering.leases import LeaseKeeper
 from app.metering.routes import admin_router as usage_admin_router
 from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
+from app.openapi import contract_document
 from app.ops.docs import add_docs
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
@@ -282,7 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sapiom_router)
     app.include_router(fal_router)  # fal's own API (SPEC section 11)
     install_dashboard(app)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: contract_document(app)  # type: ignore[method-assign]
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
@@ -291,29 +290,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware, settings=settings)
     return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document without its 422 responses: validation errors are our 400s."""
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title,
-            version=app.version,
-            description=app.description,
-            routes=app.routes,
-            tags=app.openapi_tags,
-        )
-        for path, item in schema.get("paths", {}).items():
-            if path.startswith("/fal/"):
-                continue  # fal's own API answers validation errors with 422, as fal does
-            for operation in item.values():
-                if isinstance(operation, dict):
-                    operation.get("responses", {}).pop("422", None)
-        schemas = schema.get("components", {}).get("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 __all__ = ["StartupError", "create_app", "lifespan"]

@@ -24,9 +24,10 @@ from app.generation.schemas import (
     UpscaleResponse,
 )
 from app.metering.http import idempotent
+from app.metering.idempotency import KEY_PATTERN, MAX_KEY_LENGTH
 from app.metering.meter import RequestRecord
 from app.money import display_price, format_usd
-from app.schemas import error_responses
+from app.schemas import METERED, error_responses
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,17 +37,6 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 
 _RUN_ERRORS = error_responses(400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)
 _PRICE_ERRORS = error_responses(400, 401, 403, 404, 413, 503)
-_METERED_HEADERS = {
-    "X-Request-Id": {
-        "description": "The gateway's id for this request.",
-        "schema": {"type": "string"},
-    },
-    "X-Cost-USD": {"description": "What this request cost.", "schema": {"type": "string"}},
-    "X-Budget-Remaining-USD": {
-        "description": "Budget left in the period (absent when unlimited).",
-        "schema": {"type": "string"},
-    },
-}
 
 
 def _price_route(path: str, operation_id: str, summary: str) -> Callable[[F], F]:
@@ -68,7 +58,7 @@ def _metered_route(
         path,
         operation_id=operation_id,
         response_model=response_model,
-        responses={200: {"headers": _METERED_HEADERS}, **_RUN_ERRORS},
+        responses={200: {"headers": METERED}, **_RUN_ERRORS},
         summary=summary,
     )
 
@@ -187,7 +177,9 @@ IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        max_length=255,
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        pattern=KEY_PATTERN,
         description="Retry safely: the same key and body within 24 h returns the first "
         "response without a second charge; a different body answers 409.",
     ),

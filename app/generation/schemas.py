@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 from app.catalog.pricing import IMAGE_SIZE_PRESETS
+from app.schemas import WholeNumber, whole_number
 
 SEED_LIMIT = 2**64
 
+# Constraints before the validator, so that the document shows them as minimum/maximum.
+Steps = Annotated[int, Field(ge=1, le=100), BeforeValidator(whole_number)]
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT), BeforeValidator(whole_number)]
 Preset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
 ]
 OutputFormat = Literal["jpeg", "png"]
-Prompt = Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+# Not blank: at least one character that is not whitespace (``str.isspace``), as ``\S`` means.
+Prompt = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=10_000),
+    Field(json_schema_extra={"pattern": r"\S"}),
+]
+#: What ``_check_image_url`` lets through, for the document.
+IMAGE_URL_PATTERN = "^([Hh][Tt][Tt][Pp][Ss]?://|[Dd][Aa][Tt][Aa]:)"
+ImageUrl = Annotated[
+    str,
+    Field(
+        description="https://, http:// or data: URI of a JPEG, PNG or WebP.",
+        json_schema_extra={"pattern": IMAGE_URL_PATTERN},
+    ),
+]
 
 
 class _Body(BaseModel):
@@ -23,8 +49,8 @@ class _Body(BaseModel):
 
 
 class ImageSizeObject(_Body):
-    width: int = Field(ge=64, le=4096, description="Output width in pixels.")
-    height: int = Field(ge=64, le=4096, description="Output height in pixels.")
+    width: WholeNumber = Field(ge=64, le=4096, description="Output width in pixels.")
+    height: WholeNumber = Field(ge=64, le=4096, description="Output height in pixels.")
 
 
 ImageSize = Preset | ImageSizeObject
@@ -60,13 +86,13 @@ class GenerateRequest(_Body):
     prompt: Prompt
     model: str | None = Field(default=None, max_length=200, description="Catalog id or alias.")
     image_size: ImageSize = "landscape_4_3"
-    num_images: int = Field(default=1, ge=1, le=4)
-    num_inference_steps: int | None = Field(
-        default=None, ge=1, le=100, description="Defaults to 28, or the model's own default."
+    num_images: WholeNumber = Field(default=1, ge=1, le=4)
+    num_inference_steps: Steps | None = Field(
+        default=None, description="Defaults to 28, or the model's own default."
     )
     guidance_scale: float = Field(default=3.5, ge=0, le=20, allow_inf_nan=False)
     output_format: OutputFormat = "jpeg"
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    seed: Seed | None = None
 
     _check_prompt = field_validator("prompt")(_not_blank)
 
@@ -84,15 +110,15 @@ class TransformRequest(_Body):
         }
     )
 
-    image_url: str = Field(description="https://, http:// or data: URI of a JPEG, PNG or WebP.")
+    image_url: ImageUrl
     prompt: Prompt
     model: str = Field(default="fal-ai/flux/dev", max_length=200)
     image_size: ImageSize = "landscape_4_3"
     strength: float = Field(default=0.75, ge=0, le=1, allow_inf_nan=False)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=100)
-    num_images: int = Field(default=1, ge=1, le=4)
+    num_inference_steps: Steps | None = None
+    num_images: WholeNumber = Field(default=1, ge=1, le=4)
     output_format: OutputFormat = "jpeg"
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    seed: Seed | None = None
 
     _check_prompt = field_validator("prompt")(_not_blank)
 
@@ -107,9 +133,9 @@ class UpscaleRequest(_Body):
         json_schema_extra={"examples": [{"image_url": "https://example.com/photo.png", "scale": 2}]}
     )
 
-    image_url: str = Field(description="https://, http:// or data: URI of a JPEG, PNG or WebP.")
+    image_url: ImageUrl
     model: str = Field(default="topaz", max_length=200, description="topaz, esrgan or clarity.")
-    scale: Literal[2, 4] = 2
+    scale: Annotated[Literal[2, 4], BeforeValidator(whole_number)] = 2
     output_format: OutputFormat = "jpeg"
 
     @field_validator("image_url")
@@ -119,8 +145,7 @@ class UpscaleRequest(_Body):
 
 
 def _check_image_url(value: str) -> str:
-    lowered = value[:8].lower()
-    if not (lowered.startswith(("https://", "http://")) or lowered.startswith("data:")):
+    if re.match(IMAGE_URL_PATTERN, value) is None:
         raise ValueError("must be an https://, http:// or data: URI")
     return value
 

@@ -1,12 +1,15 @@
 """Admin API bodies for gateway keys (SPEC section 8).
 
 Admin input is as strict as client input: numbers are JSON numbers (``true`` and ``"5"`` are
-not 1 and 5; an integer-valued ``5.0`` is 5), ``budget_usd`` is a decimal string or number,
-``expires_at`` an ISO 8601 date-time string in the future, and a name is printable text.
+not 1 and 5; an integer-valued ``5.0`` is 5), ``budget_usd`` is a decimal string (at most 6
+decimals) or a whole number, ``expires_at`` an RFC 3339 date-time string in the future, and a
+name is printable text. Each rule a JSON Schema can state is in the document, as the server
+applies it.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -17,12 +20,18 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictStr,
+    WithJsonSchema,
     field_validator,
 )
+
+from app.schemas import rfc3339_datetime
 
 BudgetPeriod = Literal["total", "daily", "monthly"]
 DEFAULT_BUDGET_PERIOD: BudgetPeriod = "monthly"  # SPEC section 8
 NAME_MAX = 200
+# What a portable regex can say of ``_printable_name``: no control characters, no space at
+# either end (the server also refuses the other Unicode "Other"/"Separator" characters).
+NAME_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?$"
 
 
 def _number_only(value: object) -> object:
@@ -32,18 +41,24 @@ def _number_only(value: object) -> object:
     return value
 
 
-def _amount(value: object) -> object:
-    """A money amount: a decimal string or a number, never a boolean."""
-    if isinstance(value, bool):
-        raise ValueError('must be a decimal string such as "50" or a number')
-    return value
+#: 0 .. 1,000,000,000 USD with at most 6 decimals (micro-dollars), as a decimal string.
+BUDGET_PATTERN = r"^(?:[0-9]{1,9}(?:\.[0-9]{1,6})?|1000000000(?:\.0{1,6})?)$"
 
 
-def _moment(value: object) -> object:
-    """An ISO 8601 date-time string (a number would be read as seconds since 1970)."""
-    if not isinstance(value, str | datetime):
-        raise ValueError("must be an ISO 8601 date-time string such as 2027-01-31T00:00:00Z")
-    return value
+def _budget(value: object) -> object:
+    """A decimal string matching the document's pattern, or a whole JSON number, in range."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    elif isinstance(value, Decimal) and value.is_finite():
+        value = format(value, "f")
+    if isinstance(value, str) and re.fullmatch(BUDGET_PATTERN, value):
+        return Decimal(value)
+    raise ValueError(
+        'must be a decimal string such as "50" or "12.5" (0..1000000000, at most 6 '
+        "decimals) or a whole number"
+    )
 
 
 # Constraints first, then the validator: so the JSON schema says ``minimum``/``maximum``.
@@ -51,10 +66,19 @@ Rpm = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_number_only)]
 MaxConcurrent = Annotated[int, Field(ge=1, le=100_000), BeforeValidator(_number_only)]
 Amount = Annotated[
     Decimal,
-    Field(ge=0, le=Decimal("1000000000"), decimal_places=6, allow_inf_nan=False),
-    BeforeValidator(_amount),
+    BeforeValidator(_budget),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": BUDGET_PATTERN},
+                {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
+            ],
+            "description": "USD, as a decimal string (at most 6 decimals) or a whole number.",
+        }
+    ),
 ]
-Moment = Annotated[datetime, BeforeValidator(_moment)]
+# RFC 3339, the offset required (``format: date-time``); never a number.
+Moment = Annotated[datetime, BeforeValidator(rfc3339_datetime)]
 ModelName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
@@ -80,6 +104,11 @@ def _no_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def _name_schema(schema: dict[str, Any]) -> None:
+    _no_default(schema)
+    schema["pattern"] = NAME_PATTERN
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,7 +123,12 @@ class KeyCreate(_Body):
         },
     )
 
-    name: StrictStr = Field(min_length=1, max_length=NAME_MAX)
+    name: StrictStr = Field(
+        min_length=1,
+        max_length=NAME_MAX,
+        description="Printable text without surrounding spaces.",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
     budget_usd: Amount | None = None
     budget_period: BudgetPeriod = DEFAULT_BUDGET_PERIOD
     rpm: Rpm | None = None
@@ -113,7 +147,7 @@ class KeyUpdate(_Body):
 
     # Not nullable: a name and a period always exist (the default is only for the schema).
     name: StrictStr = Field(  # type: ignore[assignment]
-        default=None, min_length=1, max_length=NAME_MAX, json_schema_extra=_no_default
+        default=None, min_length=1, max_length=NAME_MAX, json_schema_extra=_name_schema
     )
     budget_usd: Amount | None = None
     budget_period: BudgetPeriod = Field(

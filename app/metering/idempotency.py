@@ -35,6 +35,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ from app.metering.lua import LuaScript, store_errors, text
 from app.metering.meter import Meter, RequestRecord
 
 MAX_KEY_LENGTH = 255
+#: Printable ASCII, no space at either end (HTTP would strip it anyway): the document's pattern.
+KEY_PATTERN = r"^[\x21-\x7E](?:[\x20-\x7E]*[\x21-\x7E])?$"
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
@@ -77,10 +80,10 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
 
 
 def check_key(idempotency_key: str) -> str:
-    value = idempotency_key.strip()
-    if not value or len(value) > MAX_KEY_LENGTH or not value.isprintable():
+    value = idempotency_key
+    if len(value) > MAX_KEY_LENGTH or re.match(KEY_PATTERN, value) is None:
         raise InvalidRequest(
-            f"Idempotency-Key must be 1..{MAX_KEY_LENGTH} printable characters.",
+            f"Idempotency-Key must be 1..{MAX_KEY_LENGTH} printable ASCII characters.",
             param="Idempotency-Key",
         )
     return value

@@ -15,6 +15,7 @@ import csv
 import heapq
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -24,6 +25,7 @@ from typing import Any, Literal
 from app.metering import keyspace
 from app.metering.lua import store_errors, text
 from app.money import format_usd
+from app.schemas import parse_rfc3339
 
 GroupBy = Literal["key", "model", "day"]
 GROUP_BY: tuple[GroupBy, ...] = ("key", "model", "day")
@@ -101,24 +103,29 @@ class LedgerEntry:
         }
 
 
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_LATEST = datetime.max.replace(tzinfo=UTC)
+
+
 def parse_moment(value: str | None, *, end: bool = False) -> datetime | None:
-    """``2024-06-01`` or an ISO 8601 datetime (UTC if no offset) -> an aware datetime.
+    """An RFC 3339 date (``2024-06-01``) or date-time (``2024-06-01T12:00:00Z``, the offset
+    required) -> an aware datetime; anything else is a ``ValueError``.
 
     A bare date as an ``end`` bound includes that whole day.
     """
-    if not value:
+    if value is None:
         return None
-    try:
-        day = date.fromisoformat(value)
-    except ValueError:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    moment = datetime.combine(day, time(), UTC)
-    return moment + timedelta(days=1) if end else moment
+    if _DATE.fullmatch(value):
+        moment = datetime.combine(date.fromisoformat(value), time(), UTC)
+        if not end:
+            return moment
+        return moment + timedelta(days=1) if moment.date() < date.max else _LATEST
+    return parse_rfc3339(value)
 
 
 def _ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
+    """Milliseconds since the epoch, the ledger's stream ids; nothing is older than 1970."""
+    return max(0, int(moment.timestamp() * 1000))
 
 
 def _stream_order(entry_id: str, index: int) -> tuple[int, int, int]:
@@ -136,6 +143,8 @@ async def _key_ids(redis: Any, key_ids: Sequence[str] | None) -> list[str]:
 async def _one_stream(
     redis: Any, key_id: str, start: datetime | None, end: datetime | None, page_size: int
 ) -> AsyncIterator[LedgerEntry]:
+    if end is not None and _ms(end) == 0:
+        return  # nothing is older than the epoch
     low = str(_ms(start)) if start else "-"
     high = str(_ms(end) - 1) if end else "+"
     while True:

@@ -30,15 +30,24 @@ admin_router = APIRouter(
 )
 
 KeyIdQuery = Annotated[str | None, Query(description="Only this key (default: all keys).")]
+# What reports.parse_moment takes: an RFC 3339 date or date-time (with its offset).
+_MOMENT_SCHEMA = {
+    "anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]
+}
 FromQuery = Annotated[
     str | None,
-    Query(alias="from", description="Inclusive start: a date or ISO 8601 datetime (UTC)."),
+    Query(
+        alias="from",
+        description="Inclusive start: an RFC 3339 date (UTC) or date-time with offset.",
+        json_schema_extra=_MOMENT_SCHEMA,
+    ),
 ]
 ToQuery = Annotated[
     str | None,
     Query(
         alias="to",
-        description="Exclusive end: ISO 8601 datetime, or a date (that whole day included).",
+        description="Exclusive end: an RFC 3339 date-time, or a date (that whole day included).",
+        json_schema_extra=_MOMENT_SCHEMA,
     ),
 ]
 
@@ -50,7 +59,9 @@ def _window(start: str | None, end: str | None) -> tuple[datetime | None, dateti
             bounds.append(parse_moment(value, end=name == "to"))
         except ValueError as exc:
             raise InvalidRequest(
-                f"'{name}' must be an ISO 8601 date or datetime.", param=name
+                f"'{name}' must be an RFC 3339 date (2024-06-01) or date-time "
+                "(2024-06-01T12:00:00Z).",
+                param=name,
             ) from exc
     return bounds[0], bounds[1]
 
@@ -135,6 +146,7 @@ def request_status(record: RequestRecord) -> RequestStatus:
     "/usage",
     operation_id="getUsageReport",
     response_model=UsageReport,
+    response_model_exclude_unset=True,  # a row carries only its own group field
     responses=error_responses(400, 503),
 )
 async def get_usage_report(
@@ -159,10 +171,14 @@ async def get_usage_report(
 @admin_router.get(
     "/ledger",
     operation_id="exportLedger",
+    response_class=StreamingResponse,  # not JSON: the document lists the two real media types
     responses={
         200: {
             "description": "Ledger entries in time order, as JSON lines or CSV.",
-            "content": {"application/x-ndjson": {}, "text/csv": {}},
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "text/csv": {"schema": {"type": "string"}},
+            },
         },
         **error_responses(400, 503),
     },

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 
 
 class Limits(BaseModel):
@@ -28,10 +29,18 @@ class KeyUsage(BaseModel):
 
 
 class UsageRow(BaseModel):
-    """One group: a key id, a model id or a UTC day, by ``group_by``."""
+    """One group: a key id, a model id or a UTC day, by ``group_by`` (the one field present)."""
 
-    model_config = {"extra": "allow"}
-
+    key: str | SkipJsonSchema[None] = Field(default=None, description="group_by=key: a key id.")
+    model: str | SkipJsonSchema[None] = Field(
+        default=None, description="group_by=model: a catalog id."
+    )
+    day: str | SkipJsonSchema[None] = Field(
+        default=None,
+        description="group_by=day: a UTC day.",
+        json_schema_extra={"format": "date"},
+        examples=["2024-06-01"],
+    )
     requests: int = Field(description="Settled requests.")
     released: int = Field(description="Failed or cancelled requests (charged nothing).")
     amount_usd: str = Field(description="Settled total.", examples=["0.235940"])
@@ -46,9 +55,13 @@ class UsageTotals(BaseModel):
 
 
 class UsageReport(BaseModel):
-    group_by: str = Field(examples=["key"])
-    from_: str | None = Field(alias="from", description="Inclusive, ISO 8601 UTC.")
-    to: str | None = Field(description="Exclusive, ISO 8601 UTC.")
+    group_by: Literal["key", "model", "day"] = Field(examples=["key"])
+    from_: str | None = Field(
+        alias="from", description="Inclusive, ISO 8601.", json_schema_extra={"format": "date-time"}
+    )
+    to: str | None = Field(
+        description="Exclusive, ISO 8601.", json_schema_extra={"format": "date-time"}
+    )
     rows: list[UsageRow]
     total: UsageTotals
 

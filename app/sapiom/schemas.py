@@ -15,6 +15,13 @@ TransactionStatus = Literal[
 ]
 
 
+# For the document: URLs that ``service.normalise_url`` takes (an http(s) scheme, a host name
+# or IPv4 address, a port up to 65535). It takes a few more spellings (user info, IPv6
+# literals), which the SDKs do not send for falgate.
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::{_PORT})?(?:[/?#]\S*)?$"
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -24,7 +31,11 @@ class RequestFacts(_Lenient):
 
     method: str = Field(min_length=1, max_length=16, pattern=r"^[A-Za-z]+$", examples=["POST"])
     url: str = Field(
-        min_length=1, max_length=8192, examples=["http://falgate:8000/v1/run/fal-ai/flux/dev"]
+        min_length=1,
+        max_length=8192,
+        description="The absolute http(s) URL the SDK will call.",
+        examples=["http://falgate:8000/v1/run/fal-ai/flux/dev"],
+        json_schema_extra={"pattern": URL_PATTERN},
     )
 
 
