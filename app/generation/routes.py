@@ -168,7 +168,7 @@ def _replay(record: RequestRecord) -> JSONResponse:
     headers = {"X-Request-Id": record.request_id, "X-Cost-USD": format_usd(record.charged or 0)}
     if record.remaining is not None and record.remaining >= 0:
         headers["X-Budget-Remaining-USD"] = format_usd(record.remaining)
-    return JSONResponse(body, headers=headers)
+    return FastJSONResponse(body, headers=headers)
 
 
 GenerateBody = Annotated[GenerateRequest, Body()]
