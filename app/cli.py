@@ -54,6 +54,14 @@ def _serve(args: argparse.Namespace) -> int:
         options.update(ssl_certfile=str(tls.certfile), ssl_keyfile=str(tls.keyfile))
         _print_tls(settings, tls)
     configure_logging(settings)
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers < 1:
+        print("falgate: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers > 1:
+        from app.ops.workers import serve_workers
+
+        return serve_workers(settings, workers, resolve_admin_token(settings), options)
     app = create_app(settings)
     uvicorn.run(
         app,
@@ -203,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway (settings from FALGATE_* variables)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="server processes (default FALGATE_WORKERS, 1)")
     serve.set_defaults(func=_serve)
 
     sandbox = sub.add_parser("sandbox", help="run the fal emulator alone")

@@ -31,6 +31,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.fastjson import FastJSONResponse
+
 log = logging.getLogger("falgate.errors")
 
 
@@ -182,7 +184,7 @@ def error_response(request: Request, exc: FalgateError) -> JSONResponse:
     rid = request_id_of(request)
     headers = {"X-Request-Id": rid, **exc.headers}
     body = error_body(exc.type, exc.message, param=exc.param, request_id=rid, extra=exc.extra)
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+    return FastJSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:

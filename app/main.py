@@ -38,8 +38,9 @@ from app.openapi import contract_document
 from app.ops.docs import add_docs
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
-from app.ops.metrics import metrics_of
+from app.ops.metrics import mark_process_dead, metrics_of
 from app.ops.shutdown import InflightTracker
+from app.ops.workers import is_worker
 from app.ratelimit.upstream_gate import UpstreamGate
 from app.redis import EmbeddedRedis, private_dir, redis_client
 from app.sandbox import SandboxConfig, embedded_sandbox
@@ -112,6 +113,31 @@ def _banner(lines: list[str]) -> None:
     stdout carries one JSON object per line."""
     rule = "=" * 76
     print("\n".join(["", rule, *(f"  {line}" for line in lines), rule, ""]), file=sys.stderr)
+
+
+async def sandbox_welcome(settings: Settings, keys: KeyService, admin_token: str) -> None:
+    """Sandbox mode: make sure the development key exists and print how to use it."""
+    dev_key = await _development_key(settings, keys)
+    token_generated = not (
+        settings.admin_token is not None and settings.admin_token.get_secret_value()
+    )
+    scheme = "https" if settings.tls_self_signed or settings.tls_certfile else "http"
+    _banner(
+        [
+            "falgate is running in SANDBOX MODE (no fal key): images come from the",
+            "built-in fal emulator and cost nothing real.",
+            f"Gateway:       {scheme}://{settings.host}:{settings.port}",
+            f"Dashboard:     {scheme}://{settings.host}:{settings.port}/dashboard",
+            f"Admin token:   {admin_token}"
+            if token_generated
+            else "Admin token:   (FALGATE_ADMIN_TOKEN)",
+            f"API key (dev): {dev_key}",
+            "Try:",
+            f"  curl {scheme}://{settings.host}:{settings.port}/v1/generate \\",
+            f"    -H 'Authorization: Bearer {dev_key}' \\",
+            "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
+        ]
+    )
 
 
 @contextlib.asynccontextmanager
@@ -226,28 +252,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await drainer.start()
             stack.push_async_callback(drainer.stop)
 
-        if settings.sandbox_mode:
-            dev_key = await _development_key(settings, keys)
-            token_generated = not (
-                settings.admin_token is not None and settings.admin_token.get_secret_value()
-            )
-            scheme = "https" if settings.tls_self_signed or settings.tls_certfile else "http"
-            _banner(
-                [
-                    "falgate is running in SANDBOX MODE (no fal key): images come from the",
-                    "built-in fal emulator and cost nothing real.",
-                    f"Gateway:       {scheme}://{settings.host}:{settings.port}",
-                    f"Dashboard:     {scheme}://{settings.host}:{settings.port}/dashboard",
-                    f"Admin token:   {app.state.admin_token}"
-                    if token_generated
-                    else "Admin token:   (FALGATE_ADMIN_TOKEN)",
-                    f"API key (dev): {dev_key}",
-                    "Try:",
-                    f"  curl {scheme}://{settings.host}:{settings.port}/v1/generate \\",
-                    f"    -H 'Authorization: Bearer {dev_key}' \\",
-                    "    -H 'Content-Type: application/json' -d '{\"prompt\": \"a red fox\"}'",
-                ]
-            )
+        if settings.sandbox_mode and not is_worker():  # a worker's parent already did this
+            await sandbox_welcome(settings, keys, app.state.admin_token)
+        stack.callback(mark_process_dead)
         yield
         await app.state.inflight.drain(settings.shutdown_grace_s)
 

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     tls_self_signed: bool = False
+    workers: int = Field(default=1, ge=1)  # server processes on one port (app/ops/workers.py)
 
     # --- state -------------------------------------------------------------
     redis_url: str | None = None
@@ -61,6 +62,10 @@ class Settings(BaseSettings):
     upstream_poll_interval_s: float = 0.1
     upstream_max_concurrent: int = 40
     upstream_queue_timeout_s: float = 30.0
+    # issue 15: the HTTP client under httpx for fal calls (app/upstream/transport.py), and
+    # whether queue mode follows fal's status stream (one call) instead of polling the status.
+    upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    upstream_status_stream: bool = True
 
     # --- sandbox -----------------------------------------------------------
     sandbox_url: str | None = None

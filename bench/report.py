@@ -52,6 +52,7 @@ def render(result: dict[str, Any]) -> str:
                 f"| {_fmt(cmp.get('cpu_over_passthrough_ms'))} |"
             )
     lines.append("")
+    lines += _relative(result)
     redis_cpu = [
         f"{target} {row['redis_cpu_ms_per_request']:.2f} ms at concurrency {conc}"
         for conc, per_target in result["summary"].items()
@@ -94,6 +95,38 @@ def render(result: dict[str, Any]) -> str:
     for row in result["targets"]:
         lines.append(f"| {row['name']} | {row['goal']} | {row['measured']} | {_mark(row['met'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _relative(result: dict[str, Any]) -> list[str]:
+    """Ratios against the peer gateway and the one-worker gateway, when they were measured."""
+    rows = [
+        (conc, target, cmp)
+        for conc, per_target in result["comparisons"].items()
+        for target, cmp in per_target.items()
+        if cmp.get("throughput_vs_peer") is not None
+        or cmp.get("throughput_vs_one_worker") is not None
+        or cmp.get("throughput_vs_old_upstream") is not None
+    ]
+    if not rows:
+        return []
+    peer = result["meta"].get("peer") or "peer"
+    lines = [
+        f"| concurrency | target | req/s vs {peer} | CPU/req vs {peer} | req/s vs one worker "
+        "| req/s vs old upstream path | CPU/req vs old upstream path |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for conc, target, cmp in rows:
+        lines.append(
+            f"| {conc} | {target} | {_ratio(cmp.get('throughput_vs_peer'))} "
+            f"| {_ratio(cmp.get('cpu_vs_peer'))} | {_ratio(cmp.get('throughput_vs_one_worker'))} "
+            f"| {_ratio(cmp.get('throughput_vs_old_upstream'))} "
+            f"| {_ratio(cmp.get('cpu_vs_old_upstream'))} |"
+        )
+    return [*lines, ""]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:

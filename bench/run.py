@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -42,14 +43,15 @@ if str(ROOT) not in sys.path:  # run as a script: make ``bench`` and ``app`` imp
 
 import httpx  # noqa: E402
 
-from bench import loadgen, report, stack  # noqa: E402
+from bench import loadgen, peer, report, stack  # noqa: E402
 
 MODEL = "fal-ai/flux/dev"
 #: The smallest image the gateway allows: the sandbox's drawing and encoding (common to every
 #: target) stay cheap, so what is left to compare is the proxies themselves.
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 BODY = json.dumps(
     {
-        "prompt": "a lighthouse on a cliff at dusk, oil painting",
+        "prompt": PROMPT,
         "image_size": {"width": 64, "height": 64},
         "seed": 1234,
     }
@@ -81,8 +83,10 @@ class Target:
     name: str
     url: str
     authorization: str | None
-    pid: int  # the server process this target measures the CPU time of
+    pid: int  # the server process this target measures the CPU time of (and its children's)
     redis_pid: int | None = None  # the gateway's Redis server, whose CPU counts too
+    body: bytes = BODY
+    only_at: tuple[int, ...] | None = None  # measured at these concurrencies only
 
 
 @dataclass
@@ -149,7 +153,7 @@ def check_target(target: Target) -> None:
     headers = {"Content-Type": "application/json"}
     if target.authorization:
         headers["Authorization"] = target.authorization
-    response = httpx.post(target.url, content=BODY, headers=headers, timeout=30)
+    response = httpx.post(target.url, content=target.body, headers=headers, timeout=30)
     if response.status_code != 200:
         raise RuntimeError(f"{target.name}: {response.status_code} {response.text[:500]}")
 
@@ -178,6 +182,8 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
         summary[str(conc)] = {}
         for target in targets:
             mine = [m for m in rows if m["target"] == target]
+            if not mine:
+                continue
             summary[str(conc)][target] = {
                 "rps": _median([m["rps"] for m in mine]),
                 "p50_ms": _median([m["p50_ms"] for m in mine]),
@@ -192,13 +198,29 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
             }
         comparisons[str(conc)] = {}
         for target in targets:
-            if target == "sandbox":
+            if target == "sandbox" or target not in summary[str(conc)]:
                 continue
             ratios, added50, added99, cpu_over = [], [], [], []
+            vs_peer, cpu_vs_peer, vs_one_worker, vs_old, cpu_vs_old = [], [], [], [], []
             for run in range(profile.runs):
                 by = {m["target"]: m for m in rows if m["run"] == run}
                 if target not in by:
                     continue
+                peer_row = next((by[p] for p in peer.PEERS if p in by and p != target), None)
+                if peer_row is not None and peer_row["rps"] and target.startswith("gateway"):
+                    vs_peer.append(by[target]["rps"] / peer_row["rps"])
+                    if peer_row["cpu_ms_per_request"]:
+                        cpu_vs_peer.append(
+                            by[target]["cpu_ms_per_request"] / peer_row["cpu_ms_per_request"]
+                        )
+                several = re.fullmatch(r"(.+)-\d+w", target)
+                one = by.get(several.group(1)) if several else None
+                if one is not None and one["rps"]:
+                    vs_one_worker.append(by[target]["rps"] / one["rps"])
+                old = by.get(f"{target}-old")
+                if old is not None and old["rps"] and old["cpu_ms_per_request"]:
+                    vs_old.append(by[target]["rps"] / old["rps"])
+                    cpu_vs_old.append(by[target]["cpu_ms_per_request"] / old["cpu_ms_per_request"])
                 if "passthrough" in by and by["passthrough"]["rps"]:
                     ratios.append(by[target]["rps"] / by["passthrough"]["rps"])
                     cpu_over.append(
@@ -212,6 +234,11 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 "added_p50_ms": _median(added50),
                 "added_p99_ms": _median(added99),
                 "cpu_over_passthrough_ms": _median(cpu_over),
+                "throughput_vs_peer": _median(vs_peer),
+                "cpu_vs_peer": _median(cpu_vs_peer),
+                "throughput_vs_one_worker": _median(vs_one_worker),
+                "throughput_vs_old_upstream": _median(vs_old),
+                "cpu_vs_old_upstream": _median(cpu_vs_old),
             }
     return {"summary": summary, "comparisons": comparisons}
 
@@ -220,14 +247,16 @@ def measure(
     target: Target, tool: str, concurrency: int, duration_s: float, traffic: Traffic
 ) -> dict[str, Any]:
     """One timed load run, with the CPU time the target's process (and Redis) spent on it."""
-    cpu_before = stack.cpu_seconds(target.pid)
+    cpu_before = stack.tree_cpu_seconds(target.pid)
     redis_before = stack.cpu_seconds(target.redis_pid) if target.redis_pid else 0.0
     load = traffic.add(
         target,
-        loadgen.run_load(tool, target.url, BODY, target.authorization, concurrency, duration_s),
+        loadgen.run_load(
+            tool, target.url, target.body, target.authorization, concurrency, duration_s
+        ),
     )
     served = max(1, load.requests)
-    cpu = stack.cpu_seconds(target.pid) - cpu_before
+    cpu = stack.tree_cpu_seconds(target.pid) - cpu_before
     redis_cpu = stack.cpu_seconds(target.redis_pid) - redis_before if target.redis_pid else None
     row = {"target": target.name, **load.to_json()}
     row["cpu_ms_per_request"] = round(cpu * 1000 / served, 3)
@@ -358,6 +387,50 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": high["throughput_vs_passthrough"] >= 0.6,
             }
         )
+    for conc, per_target in comparisons.items():
+        for target, cmp in per_target.items():
+            own = cmp.get("cpu_over_passthrough_ms")
+            if target in ("gateway-sync", "gateway-queue") and own is not None:
+                rows.append(
+                    {
+                        "name": f"falgate's own CPU per request, concurrency {conc} ({target})",
+                        "goal": "≤ 0.5 ms",
+                        "measured": f"{own:.2f} ms",
+                        "met": own <= 0.5,
+                    }
+                )
+            if cmp.get("throughput_vs_peer") is not None:
+                rows.append(
+                    {
+                        "name": f"throughput vs {result['meta'].get('peer')}, "
+                        f"concurrency {conc} ({target})",
+                        "goal": "≥ 3x",
+                        "measured": f"{cmp['throughput_vs_peer']:.2f}x",
+                        "met": cmp["throughput_vs_peer"] >= 3.0,
+                    }
+                )
+            if cmp.get("throughput_vs_one_worker") is not None:
+                rows.append(
+                    {
+                        "name": f"{target} vs one worker, concurrency {conc}",
+                        "goal": "≥ 1.5x (upstream on other cores)",
+                        "measured": f"{cmp['throughput_vs_one_worker']:.2f}x",
+                        "met": cmp["throughput_vs_one_worker"] >= 1.5,
+                    }
+                )
+    summary = result["summary"]
+    for target in ("gateway-sync", "gateway-queue"):
+        at16 = summary.get("16", {}).get(target, {}).get("rps")
+        at64 = summary.get("64", {}).get(target, {}).get("rps")
+        if at16 and at64:
+            rows.append(
+                {
+                    "name": f"no collapse: throughput at c=64 vs c=16 ({target})",
+                    "goal": "≥ 1.0x",
+                    "measured": f"{at64 / at16:.2f}x",
+                    "met": at64 >= at16,
+                }
+            )
     for mode, row in (result.get("redis") or {}).items():
         rows.append(
             {
@@ -409,6 +482,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="sync,queue",
         help="gateway upstream modes to measure (sync is the main comparison)",
     )
+    parser.add_argument(
+        "--peer",
+        choices=peer.PEERS,
+        help="also measure this peer gateway against the same sandbox (installed into its own "
+        "venv on first use), reported as ratios",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also measure a sync gateway with this many worker processes (e.g. 2), at the "
+        "highest concurrency only, against the one-worker gateway",
+    )
+    parser.add_argument(
+        "--old-upstream",
+        action="store_true",
+        help="also measure each mode with the upstream path as before issue 15 (httpx's own "
+        "transport; queue mode polling the status), for same-run ratios",
+    )
     parser.add_argument("--out", type=Path, help="result file (default bench/results/<ts>.json)")
     parser.add_argument("--workdir", type=Path, help="where logs and Redis data go (kept)")
     return parser.parse_args(argv)
@@ -457,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_at_start": load_average(),
             "body": json.loads(BODY),
             "model": MODEL,
+            "peer": args.peer,
+            "workers": args.workers or None,
+            "old_upstream": args.old_upstream,
         }
     }
     services: list[stack.Service] = []
@@ -484,6 +579,47 @@ def main(argv: list[str] | None = None) -> int:
                     gateway.redis.process.pid if gateway.redis.process else None,
                 )
             )
+        if args.old_upstream:
+            old = {"FALGATE_UPSTREAM_TRANSPORT": "httpx", "FALGATE_UPSTREAM_STATUS_STREAM": "false"}
+            for mode in modes:
+                gateway = stack.start_gateway(
+                    workdir, sandbox.url, mode, variant="old", extra_env=old
+                )
+                gateways[f"{mode}-old"] = gateway
+                targets.append(
+                    Target(
+                        f"gateway-{mode}-old",
+                        f"{gateway.url}/v1/run/{MODEL}",
+                        f"Bearer {gateway.key}",
+                        gateway.service.pid,
+                        gateway.redis.process.pid if gateway.redis.process else None,
+                    )
+                )
+        if args.workers > 1 and "sync" in modes:
+            gateway = stack.start_gateway(workdir, sandbox.url, "sync", workers=args.workers)
+            gateways[f"sync-{args.workers}w"] = gateway
+            targets.append(
+                Target(
+                    f"gateway-sync-{args.workers}w",
+                    f"{gateway.url}/v1/run/{MODEL}",
+                    f"Bearer {gateway.key}",
+                    gateway.service.pid,
+                    gateway.redis.process.pid if gateway.redis.process else None,
+                    only_at=(max(profile.concurrencies),),
+                )
+            )
+        if args.peer == "litellm":
+            litellm = peer.start_litellm(workdir, sandbox.url, log)
+            services.append(litellm)
+            targets.append(
+                Target(
+                    "litellm",
+                    f"{litellm.url}/v1/images/generations",
+                    f"Bearer {peer.LITELLM_MASTER_KEY}",
+                    litellm.pid,
+                    body=peer.litellm_body(PROMPT),
+                )
+            )
         traffic = Traffic()
         for target in targets:
             check_target(target)
@@ -491,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             traffic.add(
                 target,
                 loadgen.run_load(
-                    tool, target.url, BODY, target.authorization, 16, profile.warmup_s
+                    tool, target.url, target.body, target.authorization, 16, profile.warmup_s
                 ),
             )
         log("all targets answer; measuring")
@@ -500,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(profile.runs):
             for conc in profile.concurrencies:
                 for target in targets:
+                    if target.only_at is not None and conc not in target.only_at:
+                        continue
                     row = measure(target, tool, conc, profile.duration_s, traffic)
                     measurements.append({"run": run, **row})
                     log(
@@ -514,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {t.name: t for t in targets}
         result["redis"] = {}
         for mode, gateway in gateways.items():
+            if mode not in modes:
+                continue  # the multi-worker gateway: its Redis traffic is the same as sync's
             result["redis"][mode] = measure_roundtrips(
                 gateway, by_name[f"gateway-{mode}"], profile.roundtrip_requests, 16, traffic
             )

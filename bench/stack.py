@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -112,6 +113,10 @@ def _spawn(
     return proc, log
 
 
+spawn = _spawn
+Logger = Callable[[str], None]
+
+
 def falgate_command() -> list[str]:
     """``falgate`` as ``python -m app.cli``: the code of this checkout, whatever is installed."""
     return [sys.executable, "-m", "app.cli"]
@@ -180,9 +185,21 @@ GENEROUS_KEY = {
 }
 
 
-def start_gateway(workdir: Path, sandbox_url: str, mode: str) -> Gateway:
-    """``falgate serve`` in ``mode`` (``sync``/``queue``) with its own Redis, plus one key."""
-    data_dir = workdir / f"gateway-{mode}"
+def start_gateway(
+    workdir: Path,
+    sandbox_url: str,
+    mode: str,
+    *,
+    workers: int = 1,
+    variant: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> Gateway:
+    """``falgate serve`` in ``mode`` (``sync``/``queue``) with its own Redis, plus one key;
+    ``workers`` > 1 runs that many server processes (``FALGATE_WORKERS``); ``variant`` names a
+    gateway run with ``extra_env`` settings."""
+    name = f"gateway-{mode}" if workers == 1 else f"gateway-{mode}-{workers}w"
+    name += f"-{variant}" if variant else ""
+    data_dir = workdir / name
     data_dir.mkdir(parents=True, exist_ok=True)
     store = EmbeddedRedis(data_dir / "redis", persist=False)
     store.start()
@@ -200,17 +217,24 @@ def start_gateway(workdir: Path, sandbox_url: str, mode: str) -> Gateway:
         "FALGATE_UPSTREAM_MAX_CONCURRENT": "1000",
         "FALGATE_DEFAULT_RPM": "1000000",
         "FALGATE_DEFAULT_MAX_CONCURRENT": "10000",
+        "FALGATE_WORKERS": str(workers),
+        **(extra_env or {}),
     }
     for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
         env.pop(name, None)
     try:
-        proc, log = _spawn(f"gateway-{mode}", [*falgate_command(), "serve"], data_dir, env)
+        proc, log = _spawn(name, [*falgate_command(), "serve"], data_dir, env)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", proc, log)
+        deadline = time.monotonic() + 60
+        while log.read_text().count("Application startup complete") < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: not every worker started:\n{_tail(log)}")
+            time.sleep(0.1)
     except BaseException:
         store.stop()
         raise
-    gateway = Gateway(Service(f"gateway-{mode}", url, proc, log), store, mode)
+    gateway = Gateway(Service(name, url, proc, log), store, mode)
     response = httpx.post(
         f"{url}/admin/keys",
         json=GENEROUS_KEY,
@@ -238,6 +262,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of its live descendants (the workers of ``--workers N``)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(current)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pending.extend(int(child) for child in children)
+    return total
+
+
 def reads_processed(store: EmbeddedRedis) -> int:
     """Redis's count of read events from clients (``INFO stats``): one per round trip."""
     client = redis.Redis.from_url(store.url)
@@ -251,7 +289,13 @@ def script_names() -> dict[str, str]:
     """SHA-1 of every Lua script the gateway loads -> its file name (EVALSHA's first argument)."""
     names = {}
     for path in (ROOT / "app").rglob("*.lua"):
-        names[hashlib.sha1(path.read_bytes()).hexdigest()] = path.name
+        text = path.read_text(encoding="utf-8")
+        names[hashlib.sha1(text.encode()).hexdigest()] = path.name
+        # A script may have a prelude of the same package prepended (``LuaScript(prelude=)``).
+        for prelude in path.parent.glob("*.lua"):
+            if prelude != path:
+                joined = prelude.read_text(encoding="utf-8") + "\n" + text
+                names[hashlib.sha1(joined.encode()).hexdigest()] = path.name
     return names
 
 

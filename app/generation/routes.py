@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -14,6 +13,7 @@ from pydantic import BaseModel
 from app.catalog import Price
 from app.deps import CatalogDep, CurrentKey, SettingsDep
 from app.errors import ClientClosedRequest, UpstreamError, request_id_of
+from app.fastjson import FastJSONResponse
 from app.generation import service
 from app.generation.schemas import (
     GenerateRequest,
@@ -75,29 +75,33 @@ def _price_body(job: service.Job) -> PriceResponse:
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``, cancelling it if the client goes away (so fal's job is cancelled too)."""
-    task = asyncio.ensure_future(work)
+    """Run ``work``, cancelling it if the client goes away (so fal's job is cancelled too).
 
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
+    The work runs inline in the request's own task; one watcher task waits for the disconnect
+    and cancels the request's task (issue 15: no second task and no ``asyncio.wait`` per
+    request). A cancellation from anywhere else (shutdown grace ran out) propagates as is.
+    """
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
 
-    watcher = asyncio.ensure_future(disconnected())
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()  # the request itself was cancelled (shutdown grace ran out): so is the work
-        raise
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        current.uncancel()
+        raise ClientClosedRequest("The client closed the connection before the answer.") from None
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await task
-        raise ClientClosedRequest("The client closed the connection before the answer.")
-    return task.result()
 
 
 async def execute_metered(request: Request, key: Any, job: service.Job) -> service.Outcome:
@@ -126,7 +130,7 @@ def metered_response(
     if outcome.remaining is not None:
         headers["X-Budget-Remaining-USD"] = format_usd(outcome.remaining)
     headers.update(outcome.headers)
-    return JSONResponse(body, headers=headers)
+    return FastJSONResponse(body, headers=headers)
 
 
 def _image_json(img: Any) -> dict[str, Any]:
@@ -164,7 +168,7 @@ def _replay(record: RequestRecord) -> JSONResponse:
     headers = {"X-Request-Id": record.request_id, "X-Cost-USD": format_usd(record.charged or 0)}
     if record.remaining is not None and record.remaining >= 0:
         headers["X-Budget-Remaining-USD"] = format_usd(record.remaining)
-    return JSONResponse(body, headers=headers)
+    return FastJSONResponse(body, headers=headers)
 
 
 GenerateBody = Annotated[GenerateRequest, Body()]

@@ -25,7 +25,6 @@ Redis password, as a second line of defence.
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 import re
@@ -41,6 +40,7 @@ import fastapi.routing
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import fastjson
 from app.money import format_usd
 from app.ops.metrics import Metrics, bind_metrics, metrics_of, unbind_metrics
 from app.settings import Settings
@@ -92,7 +92,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         # Match the secrets as they appear inside a JSON string (quotes, backslashes escaped).
         self._redact = sorted(
-            {json.dumps(s)[1:-1] for s in redact if len(s) >= _MIN_SECRET_LEN},
+            {fastjson.dumps(s).decode()[1:-1] for s in redact if len(s) >= _MIN_SECRET_LEN},
             key=len,
             reverse=True,
         )
@@ -114,7 +114,7 @@ class JsonFormatter(logging.Formatter):
             data["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
             data["exc"] = record.exc_text
-        return self.scrub(json.dumps(data, default=str, ensure_ascii=False))
+        return self.scrub(fastjson.dumps(data).decode())
 
     def scrub(self, line: str) -> str:
         for secret in self._redact:
@@ -227,7 +227,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _invalid_client_request_id(request_id: str) -> ASGIApp:
     """The 400 for an ``X-Request-Id`` that is not 1..128 printable ASCII characters."""
-    body = json.dumps(
+    body = fastjson.dumps(
         {
             "error": {
                 "type": "invalid_request",
@@ -236,7 +236,7 @@ def _invalid_client_request_id(request_id: str) -> ASGIApp:
                 "request_id": request_id,
             }
         }
-    ).encode()
+    )
 
     async def answer(scope: Scope, receive: Receive, send: Send) -> None:
         await send(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.applications import Starlette
 from starlette.responses import Response
@@ -116,16 +118,19 @@ class Metrics:
             "falgate_holds_outstanding",
             "Holds placed and not yet settled or released, across all processes.",
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.holds_outstanding_micro = Gauge(
             "falgate_holds_outstanding_micro_usd",
             "Micro-dollars held by outstanding holds, across all processes.",
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.inflight = Gauge(
             "falgate_inflight_requests",
-            "Metered requests in flight in this process.",
+            "Metered requests in flight (summed over the live worker processes).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.budget_rejections = Counter(
             "falgate_budget_rejections",
@@ -203,7 +208,25 @@ class Metrics:
         self.holds_outstanding_micro.set(snapshot.micro)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = multiprocess_dir()
+        if directory is None:
+            return generate_latest(self.registry)
+        # Several worker processes (``falgate serve --workers N``): every process writes its
+        # samples to files in the directory; a scrape of any worker adds them all up.
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus_client's multiprocess directory, set for the workers of ``--workers N``."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def mark_process_dead() -> None:
+    """A worker is stopping: its live gauges (in-flight requests) no longer count."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 async def metrics_response(metrics: Metrics, *, holds_timeout_s: float = 1.0) -> Response:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +25,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -46,6 +45,7 @@ from app.sandbox.state import FalResponse, Job, SandboxState, app_path, fal_erro
 
 _MAX_SOURCE_BYTES = 64 * 1024 * 1024
 _LOGS_VALUES = {"1": True, "true": True, "0": False, "false": False}
+_STREAM_KEEPALIVE_S = 15.0  # fal sends a comment line after this long without news
 # What the result of a cancelled request answers (a failed request's result is its error).
 _CANCELLED = FalResponse(
     400, {"detail": "Request was cancelled", "error_type": "request_cancelled"}
@@ -121,7 +121,7 @@ class Sandbox:
 
     async def reset(self) -> None:
         await self.cancel_all()
-        self.state.jobs.clear()
+        self.state.clear()
         self.state.config = self.state.initial.model_copy(deep=True)
         self.files.clear()
         self.files.max_bytes = self.state.config.max_file_bytes
@@ -232,8 +232,7 @@ class Sandbox:
                 await self.state.acquire_slot()
         except TimeoutError:
             return False
-        job.state = "IN_PROGRESS"
-        job.started_at = time.time()
+        self.state.start(job)
         return True
 
     async def _work(self, job: Job) -> None:
@@ -335,6 +334,21 @@ class Sandbox:
         if job is None or app_path(job.endpoint) != owner_app:
             return None
         return job
+
+    async def status_events(self, job: Job, with_logs: bool) -> AsyncIterator[bytes]:
+        """fal's status stream: an SSE event per status change (the current one first), a
+        comment line every 15 s of quiet, and the end of the stream after COMPLETED."""
+        last: tuple[str, int | None] | None = None
+        while True:
+            body = self.status_body(job, with_logs)
+            seen = (str(body["status"]), body.get("queue_position"))
+            if seen != last:
+                last = seen
+                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+            if job.state == "COMPLETED":
+                return
+            if not await job.wait_change(_STREAM_KEEPALIVE_S):
+                yield b": keep-alive\n\n"
 
     def status_body(self, job: Job, with_logs: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -443,6 +457,24 @@ def create_sandbox_app(
         return Response(stored.data, media_type=stored.content_type)
 
     # --- fal's queue ---------------------------------------------------------
+    @app.get("/queue/{owner_app:path}/requests/{request_id}/status/stream")
+    async def status_stream(owner_app: str, request_id: str, request: Request) -> Response:
+        job = sandbox.find(owner_app, request_id)
+        blocked = await sandbox.guard(request, "status", job.endpoint if job else None)
+        if blocked is not None:
+            return blocked
+        raw_logs = request.query_params.get("logs", "0").lower()
+        if raw_logs not in _LOGS_VALUES:
+            detail = [{"loc": ["query", "logs"], "msg": "Invalid boolean", "type": "bool_parsing"}]
+            return JSONResponse({"detail": detail}, status_code=422)
+        if job is None:
+            return _not_found("Request not found")
+        return StreamingResponse(
+            sandbox.status_events(job, _LOGS_VALUES[raw_logs]),
+            media_type="text/event-stream",
+            headers={"x-fal-request-id": job.request_id, "cache-control": "no-cache"},
+        )
+
     @app.get("/queue/{owner_app:path}/requests/{request_id}/status")
     async def status(owner_app: str, request_id: str, request: Request) -> Response:
         job = sandbox.find(owner_app, request_id)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -114,6 +115,28 @@ class Job:
     logs: list[dict[str, Any]] = field(default_factory=list)
     cancel_requested: bool = False
     task: asyncio.Task[None] | None = None
+    queue_seq: int = -1
+    watchers: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def changed(self) -> None:
+        """Wake whoever waits for this job's status to move (the status streams)."""
+        watchers, self.watchers = self.watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    async def wait_change(self, timeout_s: float) -> bool:
+        """Until the status moves (True) or ``timeout_s`` passes (False)."""
+        watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.watchers.append(watcher)
+        try:
+            await asyncio.wait_for(watcher, timeout_s)
+        except TimeoutError:
+            return False
+        finally:
+            if watcher in self.watchers:
+                self.watchers.remove(watcher)
+        return True
 
     @property
     def request_url(self) -> str:
@@ -165,7 +188,15 @@ class Job:
 
 
 class SandboxState:
-    """Everything one sandbox app remembers; lives on its event loop, so no locks."""
+    """Everything one sandbox app remembers; lives on its event loop, so no locks.
+
+    Every per-request operation is O(1) (amortised) whatever the number of remembered jobs:
+    finished jobs are forgotten oldest-finished first from a FIFO of their ids, and a queue
+    position is arithmetic on enqueue sequence numbers. Jobs enter fal's queue in sequence
+    order and nearly always leave it in that order; the few that leave out of turn (a
+    cancel or a start timeout while queued) are kept as sorted "holes" until the head of the
+    queue passes them.
+    """
 
     def __init__(self, config: SandboxConfig) -> None:
         self.initial = config.model_copy(deep=True)
@@ -173,6 +204,17 @@ class SandboxState:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.running = 0
         self._slot_waiters: list[asyncio.Future[None]] = []
+        self._finished: deque[str] = deque()
+        self._waiting: deque[Job] = deque()
+        self._holes: list[int] = []
+        self._next_seq = 0
+
+    def clear(self) -> None:
+        """Forget every job (a reset)."""
+        self.jobs.clear()
+        self._finished.clear()
+        self._waiting.clear()
+        self._holes.clear()
 
     # --- faults ------------------------------------------------------------
     def take_fault(self, scope: FaultScope, endpoint: str | None) -> FaultRule | None:
@@ -204,30 +246,59 @@ class SandboxState:
             base_url=base_url,
             fault=self.take_fault("job", endpoint),
             start_timeout_s=start_timeout_s,
+            queue_seq=self._next_seq,
         )
+        self._next_seq += 1
         self.jobs[job.request_id] = job
+        self._waiting.append(job)
         self._forget_old()
         return job
 
     def _forget_old(self) -> None:
-        excess = len(self.jobs) - self.config.max_requests
-        if excess <= 0:
-            return
-        for request_id in [rid for rid, j in self.jobs.items() if j.outcome][:excess]:
-            del self.jobs[request_id]
+        """Drop the oldest finished jobs while more than ``max_requests`` are remembered."""
+        while len(self.jobs) > self.config.max_requests and self._finished:
+            self.jobs.pop(self._finished.popleft(), None)
 
     def queue_position(self, job: Job) -> int:
-        waiting = [j for j in self.jobs.values() if j.state == "IN_QUEUE" and j.outcome is None]
-        return waiting.index(job) if job in waiting else 0
+        """How many requests wait in fal's queue before ``job`` (0 when it is not waiting)."""
+        if job.state != "IN_QUEUE" or job.outcome is not None or not self._waiting:
+            return 0
+        ahead = job.queue_seq - self._waiting[0].queue_seq
+        return ahead - bisect.bisect_left(self._holes, job.queue_seq)
+
+    def _leave_queue(self, job: Job) -> None:
+        waiting = self._waiting
+        if not waiting or job.queue_seq < waiting[0].queue_seq:
+            return
+        if waiting[0] is not job:
+            bisect.insort(self._holes, job.queue_seq)
+            return
+        waiting.popleft()
+        while self._holes and waiting and waiting[0].queue_seq == self._holes[0]:
+            waiting.popleft()
+            del self._holes[0]
+
+    def start(self, job: Job) -> None:
+        """``job`` got a slot: it leaves fal's queue and runs."""
+        if job.state == "IN_QUEUE" and job.outcome is None:
+            self._leave_queue(job)
+        job.state = "IN_PROGRESS"
+        job.started_at = time.time()
+        job.changed()
 
     def finish(self, job: Job, outcome: Outcome, response: FalResponse) -> None:
         if job.outcome is not None:
             return
+        if job.state == "IN_QUEUE":
+            self._leave_queue(job)
         job.outcome = outcome
         job.state = "COMPLETED"
         job.response = response
         job.finished_at = time.time()
         job.log(f"Request {outcome}.", "INFO" if outcome == "completed" else "ERROR")
+        if job.request_id in self.jobs:
+            self._finished.append(job.request_id)
+        job.changed()
 
     # --- fal's account concurrency ----------------------------------------
     async def acquire_slot(self) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Literal, Self
 
 import httpx
 
+from app import fastjson
 from app.errors import (
     FalgateError,
     InvalidRequest,
@@ -35,6 +36,7 @@ from app.errors import (
 )
 from app.ops.metrics import observe_upstream
 from app.settings import Settings
+from app.upstream.transport import AiohttpTransport
 from app.upstream.types import (
     GeneratedImage,
     OnSubmitted,
@@ -54,6 +56,7 @@ _NAMESPACES = ("workflows", "comfy")
 _MAX_BACKOFF_S = 10.0
 _CANCEL_TIMEOUT_S = 10.0
 _FIRST_POLL_S = 0.01
+_SSE_HEADERS = {"Accept": "text/event-stream"}
 _UNAVAILABLE = "The image generation service is temporarily unavailable."
 # Upstream latency metric outcomes, by the error a call ended with.
 _OUTCOMES: dict[type[FalgateError], str] = {
@@ -89,6 +92,20 @@ def render_detail(detail: Any) -> str:
     if detail is None:
         return ""
     return str(detail)
+
+
+def _last_event(text: str) -> Mapping[str, Any] | None:
+    """The last ``data:`` JSON object of a server-sent-events body (fal's status stream)."""
+    last: Mapping[str, Any] | None = None
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            try:
+                value = fastjson.loads(line[5:])
+            except ValueError:
+                continue
+            if isinstance(value, Mapping):
+                last = value
+    return last
 
 
 def _body_of(response: httpx.Response) -> Any:
@@ -200,6 +217,18 @@ class FalClient:
         key = s.fal_key.get_secret_value() if s.fal_key is not None else ""
         # The sandbox takes any key; a real fal without a key answers 401 -> Unavailable.
         credentials = key or "sandbox"
+        limits = httpx.Limits(
+            max_connections=max(s.upstream_max_concurrent * 2, 10),
+            max_keepalive_connections=max(s.upstream_max_concurrent, 10),
+            # Shorter than servers' idle timeouts (uvicorn's is 5 s, like httpx's default),
+            # so a pooled connection is never reused just as the server closes it: a POST
+            # lost that way cannot safely be retried.
+            keepalive_expiry=2.0,
+        )
+        transport = self._transport
+        if transport is None and s.upstream_transport == "aiohttp":
+            # httpx stays the interface; aiohttp's pool and parser move the bytes (issue 15).
+            transport = AiohttpTransport(limits=limits)
         self._http = httpx.AsyncClient(
             headers={"Authorization": f"Key {credentials}", "User-Agent": "falgate"},
             timeout=httpx.Timeout(
@@ -208,16 +237,9 @@ class FalClient:
                 write=s.upstream_read_timeout_s,
                 pool=s.upstream_connect_timeout_s,
             ),
-            limits=httpx.Limits(
-                max_connections=max(s.upstream_max_concurrent * 2, 10),
-                max_keepalive_connections=max(s.upstream_max_concurrent, 10),
-                # Shorter than servers' idle timeouts (uvicorn's is 5 s, like httpx's default),
-                # so a pooled connection is never reused just as the server closes it: a POST
-                # lost that way cannot safely be retried.
-                keepalive_expiry=2.0,
-            ),
+            limits=limits,
             follow_redirects=False,
-            transport=self._transport,
+            transport=transport,
         )
 
     async def aclose(self) -> None:
@@ -378,7 +400,8 @@ class FalClient:
         request_id = body.get("request_id") if isinstance(body, Mapping) else None
         if not isinstance(request_id, str) or not request_id:
             raise UpstreamError("fal accepted the request without a request id.")
-        log.info(
+        # Debug, like "fal run finished": the access line carries fal's request id (issue 15).
+        log.debug(
             "fal request submitted", extra={"endpoint": call.endpoint, "fal_request_id": request_id}
         )
         return request_id
@@ -398,6 +421,35 @@ class FalClient:
                 raise
 
         base = self._request_url(call.endpoint, request_id)
+        if not (self._settings.upstream_status_stream and await self._stream_until_done(base)):
+            await self._poll_until_done(base)
+
+        # A failed request is COMPLETED too; its result carries the model's error.
+        response = await self._send("GET", base, phase="result")
+        if response.status_code != 200:
+            raise error_for(response, "result")
+        return parse_result(_body_of(response), request_id)
+
+    async def _stream_until_done(self, base: str) -> bool:
+        """Follow fal's status stream until it ends; True if its last event was COMPLETED.
+
+        One call for the whole wait instead of a status poll every interval (issue 15): the
+        stream sends an event per status change and ends after COMPLETED (fal-protocol.md
+        1.3), so its body is complete when fal is done. Anything else (no stream, an error
+        answer, a stream that ended early) returns False and the caller polls the status,
+        which reports errors as before.
+        """
+        response = await self._send(
+            "GET", base + "/status/stream", phase="status", headers=_SSE_HEADERS
+        )
+        if response.status_code != 200:
+            return False
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            return False
+        last = _last_event(response.text)
+        return last is not None and last.get("status") == "COMPLETED"
+
+    async def _poll_until_done(self, base: str) -> None:
         # Poll quickly at first, backing off to the configured interval: a fast job is not
         # kept waiting a whole interval, a slow one costs a handful of extra status calls.
         delay = min(_FIRST_POLL_S, self._settings.upstream_poll_interval_s)
@@ -407,15 +459,9 @@ class FalClient:
                 raise error_for(response, "status")
             status = _body_of(response)
             if isinstance(status, Mapping) and status.get("status") == "COMPLETED":
-                break
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._settings.upstream_poll_interval_s)
-
-        # A failed request is COMPLETED too; its result carries the model's error.
-        response = await self._send("GET", base, phase="result")
-        if response.status_code != 200:
-            raise error_for(response, "result")
-        return parse_result(_body_of(response), request_id)
 
     # --- plumbing ----------------------------------------------------------
     def _request_url(self, endpoint: str, request_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import httpx
@@ -100,3 +101,31 @@ def test_openapi_document(gateway: Gateway) -> None:
     assert {"GenerateRequest", "GenerateResponse", "ErrorEnvelope", "PriceResponse"} <= set(schemas)
     assert schemas["GenerateRequest"]["additionalProperties"] is False
     assert schemas["GenerateRequest"].get("examples")
+
+
+def test_documented_security_is_what_each_route_enforces(gateway: Gateway) -> None:
+    """Every operation the document says needs credentials refuses a request without any, and
+    every /v1, /fal and /admin operation says which it takes."""
+    doc = httpx.get(gateway.url + "/openapi.json").json()
+    assert {"HTTPBearer", "APIKeyHeader", "SapiomTransaction", "AdminToken"} <= set(
+        doc["components"]["securitySchemes"]
+    )
+    key_schemes = {"HTTPBearer", "APIKeyHeader", "SapiomTransaction"}
+    secured = 0
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            names = {name for option in op.get("security", []) for name in option}
+            url = gateway.url + re.sub(r"\{(\w+)\}", "x", path).replace(
+                "/run/x", "/run/fal-ai/flux/dev"
+            )
+            if names:
+                secured += 1
+                response = httpx.request(method.upper(), url, json={})
+                assert response.status_code == 401, (method, path, response.status_code)
+                if path.startswith("/admin/"):
+                    assert names == {"AdminToken"}, (method, path)
+                elif not path.startswith(("/v1/transactions", "/v1/auth/", "/fal/proxy")):
+                    assert names == key_schemes, (method, path)
+            else:
+                assert not path.startswith(("/v1/", "/admin/", "/fal/")), (method, path)
+    assert secured >= 18

@@ -34,6 +34,8 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
             str(out),
             "--workdir",
             str(tmp_path / "work"),
+            "--workers",
+            "2",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -43,7 +45,7 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
 
-    names = {"sandbox", "passthrough", "gateway-sync", "gateway-queue"}
+    names = {"sandbox", "passthrough", "gateway-sync", "gateway-queue", "gateway-sync-2w"}
     assert {m["target"] for m in result["runs"]} == names
     for m in result["runs"]:
         assert m["ok"] > 0, m
@@ -57,9 +59,13 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
             assert comparison["throughput_vs_passthrough"] is not None
             assert comparison["added_p50_ms"] is not None
 
-    for mode in ("sync", "queue"):
-        redis = result["redis"][mode]
-        assert redis["admitted"] > 0 and redis["commands_total"] > 0
+    assert result["comparisons"][str(max(result["meta"]["concurrencies"]))]["gateway-sync-2w"][
+        "throughput_vs_one_worker"
+    ]
+    for mode in ("sync", "queue", "sync-2w"):
+        if mode in ("sync", "queue"):
+            redis = result["redis"][mode]
+            assert redis["admitted"] > 0 and redis["commands_total"] > 0
         ledger = result["ledger"][mode]
         assert ledger["hold"] > 0
         assert ledger["open_holds"] == 0 and ledger["in_flight"] == 0, (mode, ledger)  # none open

@@ -1,0 +1,135 @@
+"""An httpx transport on aiohttp's client: the fal client keeps talking httpx, the bytes move
+through aiohttp's connection pool and C HTTP parser.
+
+Why (issue 15, measured with ``py-spy`` and per-request CPU time against the sandbox): httpx's
+own transport (httpcore over anyio) costs the gateway about 0.8 ms of CPU per upstream call at
+concurrency 1, 1.2 ms at 16 and 4.6 ms at 64, most of it pool bookkeeping (every pooled
+connection is re-checked on every request and every release) and anyio's stream and lock layers;
+sharding the pool into four clients brings 64 down to 1.2 ms. The same calls through this
+transport cost 0.6 / 0.4 / 0.5 ms, flat in concurrency. HTTP/2 was not an option to measure:
+the sandbox (like most fal-compatible servers behind uvicorn) speaks HTTP/1.1 only.
+
+What must not change is how failures are classified, because the fal client decides on it
+whether re-sending a POST is safe (a submit or sync run that reached fal must never be sent
+twice). So aiohttp's errors are translated by what they mean, not by aiohttp's class tree
+(where a server dropping the connection mid-request is a "connection error"):
+
+=====================================================  =============================
+aiohttp                                                httpx
+=====================================================  =============================
+``ConnectionTimeoutError`` (pool wait or connect)      ``ConnectTimeout`` (not sent)
+``ClientConnectorError`` (refused, DNS, TLS setup)     ``ConnectError``   (not sent)
+``SocketTimeoutError`` / other ``ServerTimeoutError``  ``ReadTimeout``
+``ServerDisconnectedError``                            ``RemoteProtocolError``
+``ClientPayloadError``, ``ClientOSError``, the rest    ``ReadError``
+``InvalidURL``, ``NonHttpUrlClientError``              ``UnsupportedProtocol``
+=====================================================  =============================
+
+Bodies are read whole (fal's JSON answers are small) and the connection goes straight back to
+the pool; httpx still decodes ``Content-Encoding`` (aiohttp's own decompression is off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Iterator
+
+import aiohttp
+import certifi
+import httpx
+
+_ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
+    (aiohttp.ClientConnectorError, httpx.ConnectError),
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.InvalidURL, httpx.UnsupportedProtocol),
+    (aiohttp.NonHttpUrlClientError, httpx.UnsupportedProtocol),
+    (aiohttp.ClientError, httpx.ReadError),
+    (TimeoutError, httpx.ReadTimeout),
+)
+
+
+def translate(exc: BaseException) -> httpx.TransportError | None:
+    """The httpx error for an aiohttp failure (None for anything else, e.g. a cancellation)."""
+    for source, target in _ERRORS:
+        if isinstance(exc, source):
+            return target(str(exc) or type(exc).__name__)
+    return None
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        mapped = translate(exc)
+        if mapped is None:  # pragma: no cover - every ClientError/TimeoutError maps
+            raise
+        raise mapped from exc
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """``httpx.AsyncClient(transport=AiohttpTransport(limits=...))``; one aiohttp session,
+    opened on first use inside the running event loop and closed by ``aclose()``."""
+
+    def __init__(
+        self, *, limits: httpx.Limits | None = None, verify: ssl.SSLContext | bool = True
+    ) -> None:
+        self._limits = limits or httpx.Limits()
+        if verify is True:
+            verify = ssl.create_default_context(cafile=certifi.where())
+        self._ssl: ssl.SSLContext | bool = verify
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        limits = self._limits
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0,
+            keepalive_timeout=limits.keepalive_expiry or 0.0,
+            ssl=self._ssl,
+            enable_cleanup_closed=False,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._session is None or self._session.closed:
+            self._session = self._open()
+        timeout: dict[str, float | None] = request.extensions.get("timeout", {})
+        connect, pool = timeout.get("connect"), timeout.get("pool")
+        acquire = None if connect is None or pool is None else connect + pool
+        with _translated():
+            async with self._session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=await request.aread() or None,
+                allow_redirects=False,
+                compress=None,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=acquire, sock_connect=connect, sock_read=timeout.get("read")
+                ),
+            ) as response:
+                content = await response.read()
+                return httpx.Response(
+                    status_code=response.status,
+                    headers=response.raw_headers,
+                    stream=httpx.ByteStream(content),
+                    request=request,
+                    extensions={
+                        "http_version": b"HTTP/1.1",
+                        "reason_phrase": (response.reason or "").encode(),
+                    },
+                )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
