@@ -121,6 +121,9 @@ def test_secret_keys_used_by_workloads_exist() -> None:
     assert used <= keys
     env_names = {e["name"] for e in _gateway_container()["env"]}
     assert {"FALGATE_FAL_KEY", "FALGATE_ADMIN_TOKEN", "FALGATE_REDIS_URL"} <= env_names
+    # More than one replica: they must share one ledger archive, not a SQLite file each.
+    assert _one("Deployment", "falgate")["spec"]["replicas"] > 1
+    assert "FALGATE_LEDGER_DATABASE_URL" in env_names
     # Secrets stay out of the ConfigMap.
     config = _one("ConfigMap", "falgate-config")["data"]
     assert not {"FALGATE_FAL_KEY", "FAL_KEY", "FALGATE_ADMIN_TOKEN"} & set(config)
