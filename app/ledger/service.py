@@ -118,15 +118,7 @@ class LedgerService:
         The first chunk is produced before this returns, so a Redis or database outage is an
         ``Unavailable`` (503) rather than a response cut short.
         """
-        key_ids, progress = await self._snapshot(query.key_id)
-        rows = merged_rows(
-            self.database,
-            self.redis,
-            loop_bridge(asyncio.get_running_loop()),
-            key_ids=key_ids,
-            progress=progress,
-            query=query,
-        )
+        rows = await self._rows(query)
         chunks = in_thread(format_chunks(rows, fmt))
         with store_errors("The ledger"), archive_errors():
             first = await anext(chunks, None)
@@ -142,8 +134,14 @@ class LedgerService:
     async def recompute_usage(self, query: ExportQuery) -> dict[GroupKey, Totals]:
         """Settled/released totals per (key, UTC day, model, operation), from every raw entry
         (archive + tail) - O(entries), in a worker thread. The rollups must equal this."""
+        rows = await self._rows(query)
+        with store_errors("The ledger"), archive_errors():
+            return await asyncio.to_thread(totals_of, rows)
+
+    async def _rows(self, query: ExportQuery) -> Iterator[Row]:
+        """The selected entries, archive then tail, in ledger order (read in a worker thread)."""
         key_ids, progress = await self._snapshot(query.key_id)
-        rows = merged_rows(
+        return merged_rows(
             self.database,
             self.redis,
             loop_bridge(asyncio.get_running_loop()),
@@ -151,8 +149,6 @@ class LedgerService:
             progress=progress,
             query=query,
         )
-        with store_errors("The ledger"), archive_errors():
-            return await asyncio.to_thread(totals_of, rows)
 
     async def usage(
         self,

@@ -457,8 +457,11 @@ def create_sandbox_app(
         return Response(stored.data, media_type=stored.content_type)
 
     # --- fal's queue ---------------------------------------------------------
-    @app.get("/queue/{owner_app:path}/requests/{request_id}/status/stream")
-    async def status_stream(owner_app: str, request_id: str, request: Request) -> Response:
+    async def status_of(
+        owner_app: str, request_id: str, request: Request
+    ) -> tuple[Job, bool] | Response:
+        """The job a status call asks about and whether it wants the logs, or the answer
+        (an injected fault, 422 for a bad ``logs``, 404)."""
         job = sandbox.find(owner_app, request_id)
         blocked = await sandbox.guard(request, "status", job.endpoint if job else None)
         if blocked is not None:
@@ -469,25 +472,27 @@ def create_sandbox_app(
             return JSONResponse({"detail": detail}, status_code=422)
         if job is None:
             return _not_found("Request not found")
+        return job, _LOGS_VALUES[raw_logs]
+
+    @app.get("/queue/{owner_app:path}/requests/{request_id}/status/stream")
+    async def status_stream(owner_app: str, request_id: str, request: Request) -> Response:
+        asked = await status_of(owner_app, request_id, request)
+        if isinstance(asked, Response):
+            return asked
+        job, with_logs = asked
         return StreamingResponse(
-            sandbox.status_events(job, _LOGS_VALUES[raw_logs]),
+            sandbox.status_events(job, with_logs),
             media_type="text/event-stream",
             headers={"x-fal-request-id": job.request_id, "cache-control": "no-cache"},
         )
 
     @app.get("/queue/{owner_app:path}/requests/{request_id}/status")
     async def status(owner_app: str, request_id: str, request: Request) -> Response:
-        job = sandbox.find(owner_app, request_id)
-        blocked = await sandbox.guard(request, "status", job.endpoint if job else None)
-        if blocked is not None:
-            return blocked
-        raw_logs = request.query_params.get("logs", "0").lower()
-        if raw_logs not in _LOGS_VALUES:
-            detail = [{"loc": ["query", "logs"], "msg": "Invalid boolean", "type": "bool_parsing"}]
-            return JSONResponse({"detail": detail}, status_code=422)
-        if job is None:
-            return _not_found("Request not found")
-        body = sandbox.status_body(job, _LOGS_VALUES[raw_logs])
+        asked = await status_of(owner_app, request_id, request)
+        if isinstance(asked, Response):
+            return asked
+        job, with_logs = asked
+        body = sandbox.status_body(job, with_logs)
         code = 200 if job.state == "COMPLETED" else 202
         return JSONResponse(body, status_code=code, headers={"x-fal-request-id": job.request_id})
 
