@@ -50,6 +50,54 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
+def gateway_env(
+    *,
+    port: int,
+    data_dir: Path,
+    redis_url: str,
+    sandbox_url: str,
+    ledger_url: str,
+    admin_token: str = ADMIN_TOKEN,
+    **overrides: str,
+) -> dict[str, str]:
+    """The environment of a test ``falgate serve``: sandbox upstream (no fal key unless an
+    override sets one), fast polls and sweeps, generous default limits, no auth cache."""
+    env = {
+        **os.environ,
+        "FALGATE_PORT": str(port),
+        "FALGATE_HOST": "127.0.0.1",
+        "FALGATE_DATA_DIR": str(data_dir),
+        "FALGATE_REDIS_URL": redis_url,
+        "FALGATE_SANDBOX_URL": sandbox_url,
+        "FALGATE_ADMIN_TOKEN": admin_token,
+        "FALGATE_UPSTREAM_POLL_INTERVAL_S": "0.02",
+        "FALGATE_AUTH_CACHE_TTL_S": "0",
+        "FALGATE_SWEEPER_INTERVAL_S": "0.5",
+        "FALGATE_PROCESS_LEASE_S": "2",
+        "FALGATE_DEFAULT_RPM": "100000",
+        "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
+        # Every gateway on one Redis shares one ledger archive, as in production.
+        "FALGATE_LEDGER_DATABASE_URL": ledger_url,
+    }
+    for name in ("FAL_KEY", "FALGATE_FAL_KEY", "FALGATE_PUBLIC_URL"):
+        env.pop(name, None)
+    env.update(overrides)
+    return env
+
+
+def spawn_gateway(env: dict[str, str], data_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``falgate serve`` with ``env``; its output goes to ``<data_dir>/gateway.log``."""
+    log = data_dir / "gateway.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    return proc, log
+
+
 @dataclass
 class Sandbox:
     url: str
@@ -185,35 +233,15 @@ class GatewayFactory:
         port = free_port()
         data_dir = self.tmp / f"gw-{port}"
         data_dir.mkdir()
-        full_env = {
-            **os.environ,
-            "FALGATE_PORT": str(port),
-            "FALGATE_HOST": "127.0.0.1",
-            "FALGATE_DATA_DIR": str(data_dir),
-            "FALGATE_REDIS_URL": self.redis_url,
-            "FALGATE_SANDBOX_URL": self.sandbox.url,
-            "FALGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-            "FALGATE_IMAGE_FETCH_ALLOW_HOSTS": "",
-            "FALGATE_UPSTREAM_POLL_INTERVAL_S": "0.02",
-            "FALGATE_AUTH_CACHE_TTL_S": "0",
-            "FALGATE_SWEEPER_INTERVAL_S": "0.5",
-            "FALGATE_PROCESS_LEASE_S": "2",
-            "FALGATE_DEFAULT_RPM": "100000",
-            "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
-            # Every gateway on one Redis shares one ledger archive, as in production.
-            "FALGATE_LEDGER_DATABASE_URL": self.ledger_url,
-        }
-        for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
-            full_env.pop(name, None)
-        full_env.update(env)
-        log = data_dir / "gateway.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=ROOT,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env=full_env,
+        full_env = gateway_env(
+            port=port,
+            data_dir=data_dir,
+            redis_url=self.redis_url,
+            sandbox_url=self.sandbox.url,
+            ledger_url=self.ledger_url,
+            **{"FALGATE_IMAGE_FETCH_ALLOW_HOSTS": "", **env},
         )
+        proc, log = spawn_gateway(full_env, data_dir)
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/healthz", proc, log)
         gateway = Gateway(url=url, proc=proc, log=log, data_dir=data_dir, env=env)

@@ -25,7 +25,7 @@ import pytest
 
 from app.catalog import load_catalog
 from app.redis import free_port
-from tests.conftest import ADMIN_TOKEN, ROOT, Sandbox, _stop
+from tests.conftest import ADMIN_TOKEN, Sandbox, _stop, gateway_env, spawn_gateway
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 CATALOG = load_catalog()
@@ -164,33 +164,15 @@ def tls_gateway(
     """``falgate serve`` with ``FALGATE_TLS_SELF_SIGNED=true``: the CA it prints is trusted."""
     data_dir = tmp_path_factory.mktemp("falapi-gateway")
     port = free_port()
-    env = {
-        **os.environ,
-        "FALGATE_PORT": str(port),
-        "FALGATE_HOST": "127.0.0.1",
-        "FALGATE_DATA_DIR": str(data_dir),
-        "FALGATE_REDIS_URL": redis_url,
-        "FALGATE_LEDGER_DATABASE_URL": ledger_database_url,  # the one archive of this Redis
-        "FALGATE_SANDBOX_URL": sandbox.url,
-        "FALGATE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "FALGATE_TLS_SELF_SIGNED": "true",
-        "FALGATE_UPSTREAM_POLL_INTERVAL_S": "0.02",
-        "FALGATE_AUTH_CACHE_TTL_S": "0",
-        "FALGATE_SWEEPER_INTERVAL_S": "0.5",
-        "FALGATE_PROCESS_LEASE_S": "2",
-        "FALGATE_DEFAULT_RPM": "100000",
-        "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
-    }
-    for name in ("FAL_KEY", "FALGATE_FAL_KEY", "FALGATE_PUBLIC_URL"):
-        env.pop(name, None)
-    log = data_dir / "gateway.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
+    env = gateway_env(
+        port=port,
+        data_dir=data_dir,
+        redis_url=redis_url,
+        sandbox_url=sandbox.url,
+        ledger_url=ledger_database_url,  # the one archive of this Redis
+        FALGATE_TLS_SELF_SIGNED="true",
     )
+    proc, log = spawn_gateway(env, data_dir)
     ca_file = data_dir / "tls" / "ca.pem"
     gateway = TlsGateway(f"localhost:{port}", ca_file, proc, log, sandbox)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import redis.asyncio as aioredis
 from app.catalog.pricing import Price
 from app.redis import EmbeddedRedis, free_port
 from app.settings import Settings
-from tests.conftest import _stop, _wait_http
+from tests.conftest import _stop, _wait_http, gateway_env, spawn_gateway
 
 
 @pytest.fixture(scope="session")
@@ -165,34 +164,16 @@ class Deployment:
         port = free_port()
         data_dir = self.tmp / f"gw-{port}"
         data_dir.mkdir()
-        full_env = {
-            **os.environ,
-            "FALGATE_HOST": "127.0.0.1",
-            "FALGATE_PORT": str(port),
-            "FALGATE_DATA_DIR": str(data_dir),
-            "FALGATE_REDIS_URL": self.redis.url,
-            "FALGATE_SANDBOX_URL": self.sandbox_url,
-            "FALGATE_ADMIN_TOKEN": ADMIN,
-            "FALGATE_UPSTREAM_POLL_INTERVAL_S": "0.02",
-            "FALGATE_AUTH_CACHE_TTL_S": "0",
-            "FALGATE_SWEEPER_INTERVAL_S": "0.3",
-            "FALGATE_PROCESS_LEASE_S": "1.5",
-            "FALGATE_DEFAULT_RPM": "100000",
-            "FALGATE_DEFAULT_MAX_CONCURRENT": "1000",
-            # Every gateway on one Redis shares one ledger archive, as in production.
-            "FALGATE_LEDGER_DATABASE_URL": f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
-            **env,
-        }
-        for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
-            full_env.pop(name, None)
-        log = data_dir / "gateway.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=ROOT,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env=full_env,
+        full_env = gateway_env(
+            port=port,
+            data_dir=data_dir,
+            redis_url=self.redis.url,
+            sandbox_url=self.sandbox_url,
+            ledger_url=f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
+            admin_token=ADMIN,
+            **{"FALGATE_SWEEPER_INTERVAL_S": "0.3", "FALGATE_PROCESS_LEASE_S": "1.5", **env},
         )
+        proc, log = spawn_gateway(full_env, data_dir)
         gateway = GatewayProcess(f"http://127.0.0.1:{port}", proc, log)
         _wait_http(f"{gateway.url}/healthz", proc, log)
         self.started.append(gateway)
