@@ -32,6 +32,7 @@ from app.ledger.service import LedgerService
 from app.metering import Meter
 from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
+from app.metering.multiplex import MultiplexedConnection, scripts_client
 from app.metering.routes import router as usage_router
 from app.metering.sweeper import Sweeper
 from app.openapi import contract_document
@@ -214,7 +215,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         process_id = f"proc_{secrets.token_hex(6)}"
         app.state.process_id = process_id
-        meter = Meter(redis, settings, process_id)
+        scripts = scripts_client(redis, settings)  # the request path's scripts
+        if isinstance(scripts, MultiplexedConnection):
+            stack.push_async_callback(scripts.aclose)
+        meter = Meter(redis, settings, process_id, scripts=scripts)
         gate = UpstreamGate(redis, settings, process_id)
         app.state.meter, app.state.gate = meter, gate
         leases = LeaseKeeper(meter, gate)

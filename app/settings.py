@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # ``redis_pool_timeout_s`` for one instead of failing when all are busy.
     redis_max_connections: int = 256
     redis_pool_timeout_s: float = 2.0
+    # The request path's scripts on one pipelined connection per process (single Redis over
+    # TCP; app/metering/multiplex.py).
+    redis_multiplex: bool = True
 
     # --- secrets -----------------------------------------------------------
     fal_key: SecretStr | None = Field(

@@ -35,6 +35,7 @@ import httpx
 import redis
 
 from app.metering import keyspace
+from app.metering.lua import Composite
 from app.redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,8 +221,8 @@ def start_gateway(
         "FALGATE_WORKERS": str(workers),
         **(extra_env or {}),
     }
-    for name in ("FAL_KEY", "FALGATE_FAL_KEY"):
-        env.pop(name, None)
+    for variable in ("FAL_KEY", "FALGATE_FAL_KEY"):
+        env.pop(variable, None)
     try:
         proc, log = _spawn(name, [*falgate_command(), "serve"], data_dir, env)
         url = f"http://127.0.0.1:{port}"
@@ -296,6 +297,14 @@ def script_names() -> dict[str, str]:
             if prelude != path:
                 joined = prelude.read_text(encoding="utf-8") + "\n" + text
                 names[hashlib.sha1(joined.encode()).hexdigest()] = path.name
+    # The request path runs a money script and the upstream gate's as one composite script
+    # (``app.metering.lua.Composite``): named "gate+admit.lua" and so on.
+    gate = (ROOT / "app/ratelimit/upstream_gate.lua").read_text(encoding="utf-8")
+    clock = (ROOT / "app/metering/clock.lua").read_text(encoding="utf-8")
+    for path in (ROOT / "app/metering").glob("*.lua"):
+        money = clock + "\n" + path.read_text(encoding="utf-8")
+        names[Composite.of([money, gate]).sha] = f"{path.name}+gate"
+        names[Composite.of([gate, money]).sha] = f"gate+{path.name}"
     return names
 
 

@@ -279,7 +279,7 @@ async def submit(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Sub
                 path.meter.detached_call(admission, fal_request_id),
             )
             try:
-                await path.inflight.shield(run_together(path.meter.redis, *calls))
+                await path.inflight.shield(run_together(path.meter.scripts, *calls))
             except Unavailable:
                 path.deferred.later(*calls)
         return Submitted(request_id, fal_request_id, admission)
@@ -319,7 +319,7 @@ async def _admit_and_reserve(request: AdmitRequest, path: MoneyPath) -> tuple[Ad
     meter, gate = path.meter, path.gate
     try:
         admit_reply, gate_reply = await run_together(
-            meter.redis,
+            meter.scripts,
             meter.admit_call(request),
             gate.acquire_call(request.key_id, request.request_id),
         )
@@ -346,7 +346,7 @@ async def _release_all(path: MoneyPath, admission: Admission, reason: str) -> No
         path.meter.release_call(admission, reason, outcome),
     )
     try:
-        _, hold_reply = await run_together(path.meter.redis, *calls)
+        _, hold_reply = await run_together(path.meter.scripts, *calls)
         path.meter.settlement_from(hold_reply)
     except Unavailable:
         path.deferred.later(*calls)
@@ -360,7 +360,7 @@ async def _give_up(path: MoneyPath, admission: Admission, fal_request_id: str) -
         path.meter.unresolved_call(admission, fal_request_id),
     )
     try:
-        await run_together(path.meter.redis, *calls)
+        await run_together(path.meter.scripts, *calls)
     except Unavailable:
         path.deferred.later(*calls)
 
@@ -392,7 +392,7 @@ async def _settle_and_free(
     calls: tuple[ScriptCall, ...] = (gate.release_call(admission.request_id), settle)
     while True:
         try:
-            replies = await run_together(meter.redis, *calls)
+            replies = await run_together(meter.scripts, *calls)
             return meter.settlement_from(replies[-1])
         except Unavailable as exc:
             if time.monotonic() + delay > deadline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -19,6 +20,7 @@ import redis.exceptions
 import redis.exceptions as redis_exceptions
 
 from app.errors import Unavailable
+from app.metering.multiplex import ScriptClient
 from app.ops.metrics import record_redis_error
 
 #: Redis replies meaning "not now" rather than "your command is wrong".
@@ -75,8 +77,8 @@ class LuaScript:
         """``prelude``: ``.lua`` files of the same package whose functions the script uses
         (e.g. ``clock.lua``), prepended to it: Redis has no ``require``."""
         self.name = name
-        source = "\n".join(script_text(package, part) for part in (*prelude, name))
-        self._script = client.register_script(source)
+        self.source = "\n".join(script_text(package, part) for part in (*prelude, name))
+        self._script = client.register_script(self.source)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         # redis-py's script object sends EVALSHA and, on NOSCRIPT, loads the text and retries.
@@ -105,31 +107,127 @@ async def _one(call: ScriptCall) -> Any:
         return exc
 
 
-async def run_together(redis: Any, *calls: ScriptCall) -> list[Any]:
-    """Run several scripts in ONE round trip (a non-transactional pipeline).
+@dataclass(frozen=True)
+class Composite:
+    """Several scripts as ONE script: each part runs as a Lua function of its own ``KEYS`` and
+    ``ARGV``, one after the other, and the reply is the list of the parts' replies (an error
+    of one part, raised or returned, is that part's reply and does not stop the others).
 
-    Each script is still atomic on its own; they are independent and may live on different
-    Cluster slots (on a cluster they are sent concurrently instead). Returns each script's
-    reply, or the ``ResponseError`` it answered with. Raises ``Unavailable`` when Redis cannot
-    be reached. A script missing from Redis's cache (after a restart) is loaded and run again
-    alone: NOSCRIPT means it did not run.
+    Only for a Redis where every key is on one server: the parts' keys may hash to different
+    Cluster slots.
+    """
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, sources: Sequence[str]) -> Composite:
+        functions = [
+            f"local function part_{i}(KEYS, ARGV)\n{text}\nend\n"
+            for i, text in enumerate(sources, start=1)
+        ]
+        names = ", ".join(f"part_{i}" for i in range(1, len(sources) + 1))
+        source = "".join(functions) + _COMPOSITE_DRIVER.replace("PARTS", names)
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+    @staticmethod
+    def arguments(calls: Sequence[ScriptCall]) -> tuple[list[str], list[str | int | float]]:
+        """The composite's ``KEYS`` and ``ARGV`` for these calls: ARGV starts with each part's
+        number of keys and of arguments."""
+        keys: list[str] = []
+        args: list[str | int | float] = []
+        for call in calls:
+            keys.extend(call.keys)
+            args.extend((len(call.keys), len(call.args)))
+        for call in calls:
+            args.extend(call.args)
+        return keys, args
+
+
+# Runs each part with its slice of KEYS and ARGV (see ``Composite.arguments``). ``pcall`` keeps
+# one part's error to its own reply, as separate scripts in a pipeline would; ``false`` stands
+# for a part that returned nothing (a nil would end the Lua array early).
+_COMPOSITE_DRIVER = """
+local parts = {PARTS}
+local replies = {}
+local key_at, arg_at = 0, 2 * #parts
+for i = 1, #parts do
+  local key_count, arg_count = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local keys, argv = {}, {}
+  for j = 1, key_count do keys[j] = KEYS[key_at + j] end
+  for j = 1, arg_count do argv[j] = ARGV[arg_at + j] end
+  key_at, arg_at = key_at + key_count, arg_at + arg_count
+  local ok, reply = pcall(parts[i], keys, argv)
+  if not ok then
+    if type(reply) ~= 'table' or not reply.err then
+      reply = {err = tostring(reply)}
+    end
+  elseif reply == nil then
+    reply = false
+  end
+  replies[i] = reply
+end
+return replies
+"""
+
+_composites: dict[tuple[str, ...], Composite] = {}
+
+
+def composite_of(calls: Sequence[ScriptCall]) -> Composite:
+    """The composite script of these calls' scripts, in this order (built once per process)."""
+    names = tuple(call.script.sha for call in calls)
+    found = _composites.get(names)
+    if found is None:
+        found = _composites[names] = Composite.of([call.script.source for call in calls])
+    return found
+
+
+async def _evalsha(client: Any, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
+    try:
+        return await client.evalsha(sha, len(keys), *keys, *args)
+    except redis_exceptions.NoScriptError:  # did not run: a restarted Redis, load it
+        await client.script_load(source)
+        return await client.evalsha(sha, len(keys), *keys, *args)
+
+
+async def _run_single(client: Any, call: ScriptCall) -> Any:
+    try:
+        return await _evalsha(client, call.script.sha, call.script.source, call.keys, call.args)
+    except redis_exceptions.ResponseError as exc:
+        return exc
+
+
+async def _run_composite(client: Any, calls: Sequence[ScriptCall]) -> list[Any]:
+    composite = composite_of(calls)
+    keys, args = Composite.arguments(calls)
+    return list(await _evalsha(client, composite.sha, composite.source, keys, args))
+
+
+async def run_together(redis: ScriptClient | Any, *calls: ScriptCall) -> list[Any]:
+    """Run several scripts in ONE round trip and ONE command.
+
+    ``redis``: redis-py's client, or the request path's pipelined connection
+    (:mod:`app.metering.multiplex`). Each script is atomic on its own and independent of the
+    others. On a single Redis they
+    run as one composite script (:class:`Composite`): one ``EVALSHA``, so Redis parses, looks
+    up and runs one command instead of a pipeline of several. On a cluster, where they may
+    live on different slots and nodes, they are sent concurrently instead (one round trip of
+    latency). Returns each script's reply, or the ``ResponseError`` it answered with. Raises
+    ``Unavailable`` when Redis cannot be reached.
     """
     with store_errors():
         if isinstance(redis, aioredis.RedisCluster):
-            # The scripts live on different slots, usually different nodes: send them at once
-            # (redis-py does not pipeline scripts on a cluster), one round trip of latency.
             replies = list(await asyncio.gather(*(_one(c) for c in calls)))
+            for i, reply in enumerate(replies):
+                if isinstance(reply, redis_exceptions.NoScriptError):
+                    try:
+                        replies[i] = await calls[i].script(calls[i].keys, calls[i].args)
+                    except redis_exceptions.ResponseError as exc:
+                        replies[i] = exc
+        elif len(calls) == 1:
+            replies = [await _run_single(redis, calls[0])]
         else:
-            async with redis.pipeline(transaction=False) as pipe:
-                for c in calls:
-                    pipe.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)
-                replies = list(await pipe.execute(raise_on_error=False))
-        for i, reply in enumerate(replies):
-            if isinstance(reply, redis_exceptions.NoScriptError):
-                try:
-                    replies[i] = await calls[i].script(calls[i].keys, calls[i].args)
-                except redis_exceptions.ResponseError as exc:
-                    replies[i] = exc
+            replies = await _run_composite(redis, calls)
     for reply in replies:
         if isinstance(reply, redis_exceptions.ResponseError) and is_transient(reply):
             record_redis_error("metering")

@@ -25,7 +25,8 @@ from redis.asyncio import RedisCluster
 from app.catalog.pricing import Price
 from app.errors import BudgetExceeded, NotFound, RateLimited, Unauthorized, Unavailable
 from app.metering import keyspace
-from app.metering.lua import LuaScript, ScriptCall, store_errors, text
+from app.metering.lua import LuaScript, ScriptCall, run_together, store_errors, text
+from app.metering.multiplex import ScriptClient
 from app.metering.periods import iso, period_bounds
 from app.money import format_usd
 from app.ratelimit.headers import rate_limit_headers
@@ -169,8 +170,12 @@ class Meter:
         process_id: str,
         *,
         clock: Any = None,
+        scripts: ScriptClient | None = None,
     ) -> None:
+        """``scripts``: what the request path runs its scripts on (``MoneyPath``), by default
+        ``redis`` itself."""
         self.redis = redis
+        self.scripts: ScriptClient = scripts if scripts is not None else redis
         self.settings = settings
         self.process_id = process_id
         self._clock = clock
@@ -304,8 +309,12 @@ class Meter:
             keyspace.holds(admission.key_id),
             keyspace.request_record(admission.key_id, admission.request_id),
         ]
-        with store_errors():
-            done = await self._attach(keys, [admission.request_id, fal_request_id])
+        (done,) = await run_together(
+            self.scripts, self._attach.call(keys, [admission.request_id, fal_request_id])
+        )
+        if isinstance(done, Exception):
+            with store_errors():  # a transient error reply is a 503, any other a bug
+                raise done
         return bool(_int(done))
 
     def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
