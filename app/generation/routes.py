@@ -27,6 +27,7 @@ from app.metering.http import idempotent
 from app.metering.idempotency import KEY_PATTERN, MAX_KEY_LENGTH
 from app.metering.meter import RequestRecord
 from app.money import display_price, format_usd
+from app.ops.edge import DISCONNECT_EXTENSION, DisconnectSignal
 from app.schemas import METERED, error_responses
 
 T = TypeVar("T")
@@ -77,22 +78,34 @@ def _price_body(job: service.Job) -> PriceResponse:
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run ``work``, cancelling it if the client goes away (so fal's job is cancelled too).
 
-    The work runs inline in the request's own task; one watcher task waits for the disconnect
-    and cancels the request's task (issue 15: no second task and no ``asyncio.wait`` per
-    request). A cancellation from anywhere else (shutdown grace ran out) propagates as is.
+    The work runs inline in the request's own task. Under ``falgate serve`` the edge
+    (:class:`app.ops.edge.DisconnectSignal`) cancels that task when the connection is lost, at
+    no cost per request; under another server one watcher task waits for ``http.disconnect``.
+    A cancellation from anywhere else (shutdown grace ran out) propagates as is.
     """
     current = asyncio.current_task()
     assert current is not None
     gone = False
 
-    async def watch() -> None:
+    def leave() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
         gone = True
         current.cancel()
 
-    watcher = asyncio.get_running_loop().create_task(watch())
+    signal = request.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    watcher: asyncio.Task[None] | None = None
+    if isinstance(signal, DisconnectSignal):
+        if signal.lost:
+            raise ClientClosedRequest("The client closed the connection before the answer.")
+        signal.on_loss(leave)
+    else:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            leave()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
     try:
         return await work
     except asyncio.CancelledError:
@@ -101,7 +114,10 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
         current.uncancel()
         raise ClientClosedRequest("The client closed the connection before the answer.") from None
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        elif isinstance(signal, DisconnectSignal):
+            signal.on_loss(None)
 
 
 async def execute_metered(request: Request, key: Any, job: service.Job) -> service.Outcome:

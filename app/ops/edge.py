@@ -45,6 +45,35 @@ log = logging.getLogger("falgate.edge")
 # "over_capacity".
 OnClose = Callable[[str], None]
 
+#: The ASGI scope extension through which the edge tells a request that its client went away
+#: (``scope["extensions"][DISCONNECT_EXTENSION]``, a :class:`DisconnectSignal`).
+DISCONNECT_EXTENSION = "falgate.disconnect"
+
+
+class DisconnectSignal:
+    """One request's "the client went away" signal, given by the edge to the application.
+
+    The alternative, a task per request blocked in ``receive()`` until ``http.disconnect``,
+    costs a task's creation, scheduling and cancellation on every request; this costs a
+    callback only when a client actually leaves. ``lost`` is true once the connection was lost
+    before the response completed; :meth:`on_loss` sets the one callback to run then.
+    """
+
+    __slots__ = ("_callback", "lost")
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._callback: Callable[[], None] | None = None
+
+    def on_loss(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def fire(self) -> None:
+        self.lost = True
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
 
 def _raw_response(status: int, reason: str, error_type: str, message: str) -> bytes:
     request_id = new_request_id()
@@ -137,6 +166,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
         self._got_bytes = False
+        # The scope dict becomes the request's (uvicorn builds it in on_message_begin).
+        self.scope.setdefault("extensions", {})[DISCONNECT_EXTENSION] = DisconnectSignal()  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
 
     def _head_timed_out(self) -> None:
@@ -161,7 +192,12 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            signal = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+            if isinstance(signal, DisconnectSignal):
+                signal.fire()
 
     def _count(self, reason: str) -> None:
         for callback in self.on_close:
