@@ -30,7 +30,7 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -167,7 +167,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         self._got_bytes = False
         # The scope dict becomes the request's (uvicorn builds it in on_message_begin).
-        self.scope.setdefault("extensions", {})[DISCONNECT_EXTENSION] = DisconnectSignal()  # type: ignore[typeddict-unknown-key]
+        scope = cast(dict[str, Any], self.scope)
+        scope.setdefault("extensions", {})[DISCONNECT_EXTENSION] = DisconnectSignal()
         super().on_headers_complete()
 
     def _head_timed_out(self) -> None:

@@ -7,12 +7,14 @@ for as long as the gateway process lived.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
 import httpx
+import pytest
 
-from tests.conftest import Gateway, Sandbox
+from tests.conftest import Gateway, GatewayFactory, Sandbox
 
 BODY = {"prompt": "a hang-up", "image_size": {"width": 64, "height": 64}}
 
@@ -36,3 +38,36 @@ def test_clients_that_go_away_leave_nothing_held(gateway: Gateway, clean_sandbox
                 break
             assert time.monotonic() < deadline, f"still held after the clients left: {usage}"
             time.sleep(0.1)
+
+
+def test_a_client_that_leaves_has_its_fal_job_cancelled_at_once(
+    gateways: GatewayFactory, clean_sandbox: Sandbox
+) -> None:
+    """The edge tells the request its client left (no watcher task): the fal job is cancelled
+    within a second, long before any of the gateway's own deadlines (60 s here), the hold is
+    released and the access line says 499, in sync and in queue mode."""
+    for mode in ("sync", "queue"):
+        gateway = gateways.start(
+            FALGATE_UPSTREAM_MODE=mode,
+            FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="60",
+            FALGATE_UPSTREAM_READ_TIMEOUT_S="60",
+        )
+        try:
+            clean_sandbox.reset()
+            _, key = gateway.create_key(name=f"leaves-{mode}", budget_usd="10")
+            clean_sandbox.configure(faults=[{"kind": "hang", "scope": "any"}])
+            with gateway.client(key) as client, pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/run/fal-ai/flux/dev", json=BODY, timeout=0.5)
+            left = time.monotonic()
+            deadline = left + 5
+            while time.monotonic() < deadline and " 499" not in gateway.output():
+                time.sleep(0.05)
+            assert time.monotonic() - left < 3, "the request kept running after its client left"
+            lines = [json.loads(x) for x in gateway.output().splitlines() if '"status":499' in x]
+            assert [line["route"] for line in lines] == ["/v1/run/{model_id}"], lines
+            clean_sandbox.reset()
+            with gateway.client(key) as client:
+                usage = client.get("/v1/usage").json()
+            assert (usage["held_usd"], usage["in_flight"]) == ("0.000000", 0), usage
+        finally:
+            gateway.stop()
