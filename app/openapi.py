@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.deps import KEY_SCHEMES
 from app.ops.logging import CLIENT_REQUEST_ID_HEADER
 from app.schemas import REQUEST_ID, error_responses, header
 
@@ -117,6 +118,22 @@ def _complete(path: str, method: str, operation: dict[str, Any]) -> None:
     operation["responses"] = dict(sorted(responses.items()))
 
 
+def _key_schemes(schema: dict[str, Any]) -> None:
+    """Every operation that takes a gateway key accepts any of ``KEY_SCHEMES`` (the one
+    ``gateway_key`` dependency is declared as the first of them)."""
+    first = KEY_SCHEMES[0].scheme_name
+    alternatives: list[dict[str, list[str]]] = [{s.scheme_name: []} for s in KEY_SCHEMES]
+    for item in schema.get("paths", {}).values():
+        for method, operation in item.items():
+            if method in _METHODS and operation.get("security") == [{first: []}]:
+                operation["security"] = alternatives
+    components = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    for scheme in KEY_SCHEMES:
+        components[scheme.scheme_name] = scheme.model.model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
+
+
 def contract_document(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document, built once."""
     if app.openapi_schema is not None:
@@ -132,6 +149,7 @@ def contract_document(app: FastAPI) -> dict[str, Any]:
         for method, operation in item.items():
             if method in _METHODS and isinstance(operation, dict):
                 _complete(path, method, operation)
+    _key_schemes(schema)
     metrics = schema.get("paths", {}).get("/metrics", {}).get("get")
     if metrics is not None:
         metrics["responses"]["200"]["content"] = {"text/plain": _TEXT}

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from app.catalog import Price
+from app.catalog import Catalog, Price
 from app.deps import CatalogDep, CurrentKey, SettingsDep
 from app.errors import ClientClosedRequest, UpstreamError, request_id_of
 from app.fastjson import FastJSONResponse
@@ -29,6 +29,7 @@ from app.metering.meter import RequestRecord
 from app.money import display_price, format_usd
 from app.ops.edge import DISCONNECT_EXTENSION, DisconnectSignal
 from app.schemas import METERED, error_responses
+from app.settings import Settings
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +63,13 @@ def _metered_route(
         responses={200: {"headers": METERED}, **_RUN_ERRORS},
         summary=summary,
     )
+
+
+def _configuration(request: Request) -> tuple[Catalog, Settings]:
+    """The catalog and settings, read from the app state: on the metered routes, in place of
+    two dependencies that FastAPI would solve on every request (issue 15)."""
+    state = request.app.state
+    return state.catalog, state.settings
 
 
 def _price_body(job: service.Job) -> PriceResponse:
@@ -217,10 +225,10 @@ async def run(
     model_id: str,
     body: GenerateBody,
     key: CurrentKey,
-    catalog: CatalogDep,
-    settings: SettingsDep,
     _idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    catalog, settings = _configuration(request)
+
     async def handle() -> Response:
         job = service.plan_generate(catalog, settings, key, model_id, body)
         return _generated(request, await execute_metered(request, key, job))
@@ -241,10 +249,10 @@ async def generate(
     request: Request,
     body: GenerateBody,
     key: CurrentKey,
-    catalog: CatalogDep,
-    settings: SettingsDep,
     _idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    catalog, settings = _configuration(request)
+
     async def handle() -> Response:
         job = service.plan_generate(catalog, settings, key, body.model or DEFAULT_MODEL, body)
         return _generated(request, await execute_metered(request, key, job))
@@ -267,10 +275,10 @@ async def transform(
     request: Request,
     body: Annotated[TransformRequest, Body()],
     key: CurrentKey,
-    catalog: CatalogDep,
-    settings: SettingsDep,
     _idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    catalog, settings = _configuration(request)
+
     async def handle() -> Response:
         job = service.plan_transform(catalog, settings, key, body)
         await service.prepare_transform_input(job, body.image_url, settings, request.app.state.http)
@@ -298,10 +306,10 @@ async def upscale(
     request: Request,
     body: Annotated[UpscaleRequest, Body()],
     key: CurrentKey,
-    catalog: CatalogDep,
-    settings: SettingsDep,
     _idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    catalog, settings = _configuration(request)
+
     async def handle() -> Response:
         job = await service.plan_upscale(catalog, settings, key, body, request.app.state.http)
         outcome = await execute_metered(request, key, job)
