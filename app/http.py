@@ -51,7 +51,10 @@ class BodyLimitMiddleware:
                 left = max(deadline - time.monotonic(), 0.0)
                 wait = left if wait is None else min(wait, left)
             try:
-                message = await asyncio.wait_for(receive(), wait)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for runs the awaitable as
+                # a task of its own, one more task per request.
+                async with asyncio.timeout(wait):
+                    message = await receive()
             except TimeoutError:
                 await self._error(
                     scope, send, 408, "request_timeout", "The request body stopped arriving."
