@@ -1,13 +1,15 @@
 """What does falgate cost per request? Gateway overhead against a bare pass-through.
 
 Starts on 127.0.0.1: the sandbox (``falgate sandbox``, no simulated latency), the pass-through
-baseline (``bench/passthrough.py``) and two gateways (``falgate serve``, sync and queue upstream
-modes, keys + metering + rate limits on, each with its own real Redis). Drives each target with
-the same closed-loop load at several concurrencies, interleaved run by run, and reports
-throughput, p50/p99 latency and CPU time per request of each server process, throughput
-relative to the pass-through and latency added over calling the sandbox directly (ratios and
-differences taken within each run, then the median over runs); then Redis commands
-(``MONITOR``) and round trips (``INFO stats``) per admitted request, the gateway's RSS over many
+baseline (``bench/passthrough.py``; with queue mode measured, a second one that follows fal's
+queue protocol, ``passthrough-queue``, queue mode's baseline) and two gateways (``falgate serve``,
+sync and queue upstream modes, keys + metering + rate limits on, each with its own real Redis).
+Drives each target with the same closed-loop load at several concurrencies, interleaved run by
+run, and reports throughput, p50/p99 latency and CPU time per request of each server process,
+throughput relative to the pass-through and latency added over calling the sandbox directly
+(for the queue gateway both over the queue pass-through; ratios and differences taken within
+each run, then the median over runs); then Redis commands (``MONITOR``) and round trips
+(``INFO stats``) per admitted request, the gateway's RSS over many
 requests, and whether every admitted request was settled in the ledger.
 
     .venv/bin/python bench/run.py            # 5 runs x 10 s, concurrency 1/16/64, 100k for RSS
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +60,17 @@ BODY = json.dumps(
     }
 ).encode()
 RESULTS_DIR = ROOT / "bench" / "results"
+#: The pass-through a target is compared with: the queue-mode gateway with the pass-through that
+#: follows fal's queue protocol too (submit, status stream, result), so that its "own CPU" does
+#: not count the protocol's three upstream calls; every other target with the sync one.
+PASSTHROUGH = "passthrough"
+QUEUE_BASELINES = {"gateway-queue": "passthrough-queue"}
+
+
+def baseline_of(target: str, measured: Collection[str]) -> str:
+    """The pass-through ``target`` is compared with, among the targets ``measured``."""
+    queue = QUEUE_BASELINES.get(target)
+    return queue if queue is not None and queue in measured else PASSTHROUGH
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,13 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 continue
             ratios, added50, added99, cpu_over = [], [], [], []
             vs_peer, cpu_vs_peer, vs_one_worker, vs_old, cpu_vs_old = [], [], [], [], []
+            # The queue gateway's throughput, CPU and latency are taken over the queue
+            # pass-through (when it was measured at all: a run without it then gives no ratio
+            # rather than one against another baseline); every other target's throughput and
+            # CPU over the sync pass-through and its latency over calling the sandbox directly.
+            base = baseline_of(target, set(targets))
+            latency_base = "sandbox" if base == PASSTHROUGH else base
+            sandbox50, sandbox99 = [], []  # over the sandbox too, when that is not the baseline
             for run in range(profile.runs):
                 by = {m["target"]: m for m in rows if m["run"] == run}
                 if target not in by:
@@ -221,25 +242,35 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 if old is not None and old["rps"] and old["cpu_ms_per_request"]:
                     vs_old.append(by[target]["rps"] / old["rps"])
                     cpu_vs_old.append(by[target]["cpu_ms_per_request"] / old["cpu_ms_per_request"])
-                if "passthrough" in by and by["passthrough"]["rps"]:
-                    ratios.append(by[target]["rps"] / by["passthrough"]["rps"])
+                if base in by and by[base]["rps"]:
+                    ratios.append(by[target]["rps"] / by[base]["rps"])
                     cpu_over.append(
-                        by[target]["cpu_ms_per_request"] - by["passthrough"]["cpu_ms_per_request"]
+                        by[target]["cpu_ms_per_request"] - by[base]["cpu_ms_per_request"]
                     )
                 if "sandbox" in by:
-                    added50.append(by[target]["p50_ms"] - by["sandbox"]["p50_ms"])
-                    added99.append(by[target]["p99_ms"] - by["sandbox"]["p99_ms"])
+                    sandbox50.append(by[target]["p50_ms"] - by["sandbox"]["p50_ms"])
+                    sandbox99.append(by[target]["p99_ms"] - by["sandbox"]["p99_ms"])
+                if latency_base in by:
+                    added50.append(by[target]["p50_ms"] - by[latency_base]["p50_ms"])
+                    added99.append(by[target]["p99_ms"] - by[latency_base]["p99_ms"])
             comparisons[str(conc)][target] = {
                 "throughput_vs_passthrough": _median(ratios),
                 "added_p50_ms": _median(added50),
                 "added_p99_ms": _median(added99),
                 "cpu_over_passthrough_ms": _median(cpu_over),
+                # What the three columns above were taken against (absent in older results:
+                # "passthrough" and "sandbox").
+                "passthrough_baseline": base,
+                "latency_baseline": latency_base,
                 "throughput_vs_peer": _median(vs_peer),
                 "cpu_vs_peer": _median(cpu_vs_peer),
                 "throughput_vs_one_worker": _median(vs_one_worker),
                 "throughput_vs_old_upstream": _median(vs_old),
                 "cpu_vs_old_upstream": _median(cpu_vs_old),
             }
+            if base != PASSTHROUGH:  # also over the sandbox, as every other row's added latency
+                comparisons[str(conc)][target]["added_p50_vs_sandbox_ms"] = _median(sandbox50)
+                comparisons[str(conc)][target]["added_p99_vs_sandbox_ms"] = _median(sandbox99)
     return {"summary": summary, "comparisons": comparisons}
 
 
@@ -391,9 +422,11 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         for target, cmp in per_target.items():
             own = cmp.get("cpu_over_passthrough_ms")
             if target in ("gateway-sync", "gateway-queue") and own is not None:
+                against = cmp.get("passthrough_baseline", PASSTHROUGH)
+                label = target if against == PASSTHROUGH else f"{target}, vs the queue pass-through"
                 rows.append(
                     {
-                        "name": f"falgate's own CPU per request, concurrency {conc} ({target})",
+                        "name": f"falgate's own CPU per request, concurrency {conc} ({label})",
                         "goal": "≤ 0.5 ms",
                         "measured": f"{own:.2f} ms",
                         "met": own <= 0.5,
@@ -565,6 +598,17 @@ def main(argv: list[str] | None = None) -> int:
             Target("sandbox", f"{sandbox.url}/{MODEL}", "Key sandbox", sandbox.pid),
             Target("passthrough", f"{passthrough.url}/v1/run/{MODEL}", None, passthrough.pid),
         ]
+        if "queue" in modes:  # queue mode's baseline: fal's queue protocol through a bare proxy
+            queue_passthrough = stack.start_passthrough(workdir, sandbox.url, mode="queue")
+            services.append(queue_passthrough)
+            targets.append(
+                Target(
+                    queue_passthrough.name,
+                    f"{queue_passthrough.url}/v1/run/{MODEL}",
+                    None,
+                    queue_passthrough.pid,
+                )
+            )
         rss_idle: dict[str, int] = {}
         for mode in modes:
             gateway = stack.start_gateway(workdir, sandbox.url, mode)
@@ -641,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = measure(target, tool, conc, profile.duration_s, traffic)
                     measurements.append({"run": run, **row})
                     log(
-                        f"run {run + 1}/{profile.runs} c={conc:<3} {target.name:<14} "
+                        f"run {run + 1}/{profile.runs} c={conc:<3} {target.name:<17} "
                         f"{row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.2f} ms  "
                         f"p99 {row['p99_ms']:7.2f} ms  CPU {row['cpu_ms_per_request']:.2f} "
                         f"ms/req  non-2xx {row['non_2xx']}"
@@ -675,6 +719,10 @@ def main(argv: list[str] | None = None) -> int:
                 traffic.cut_off[name],
             )
         result["targets"] = check_targets(result)
+        # Every response each target gave, warm-up and the Redis and memory loads included.
+        result["responses"] = {
+            t.name: {"2xx": traffic.ok[t.name], "failed": traffic.failed[t.name]} for t in targets
+        }
     finally:
         for gateway in gateways.values():
             gateway.stop()

@@ -1,7 +1,8 @@
 """The processes the benchmark measures, all on loopback, and what it reads from them.
 
 - :func:`start_sandbox`: ``falgate sandbox`` (fal emulator), no simulated latency;
-- :func:`start_passthrough`: ``bench/passthrough.py``, the baseline proxy;
+- :func:`start_passthrough`: ``bench/passthrough.py``, the baseline proxy (sync, or fal's queue
+  protocol for queue mode's baseline);
 - :func:`start_gateway`: ``falgate serve`` with keys, metering and rate limits on, against its
   own private Redis (``app.redis.EmbeddedRedis``, the server the tests use), so Redis traffic
   can be attributed to one gateway;
@@ -139,10 +140,12 @@ def start_sandbox(workdir: Path) -> Service:
     return Service("sandbox", url, proc, log)
 
 
-def start_passthrough(workdir: Path, upstream: str) -> Service:
+def start_passthrough(workdir: Path, upstream: str, mode: str = "sync") -> Service:
+    """``bench/passthrough.py --mode mode``: ``passthrough`` (sync) or ``passthrough-queue``."""
+    name = "passthrough" if mode == "sync" else f"passthrough-{mode}"
     port = free_port()
     proc, log = _spawn(
-        "passthrough",
+        name,
         [
             sys.executable,
             str(BENCH_DIR / "passthrough.py"),
@@ -150,12 +153,14 @@ def start_passthrough(workdir: Path, upstream: str) -> Service:
             str(port),
             "--upstream",
             upstream,
+            "--mode",
+            mode,
         ],
         workdir,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/v1/none", proc, log)  # 405/404: up
-    return Service("passthrough", url, proc, log)
+    return Service(name, url, proc, log)
 
 
 @dataclass

@@ -45,19 +45,40 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
 
-    names = {"sandbox", "passthrough", "gateway-sync", "gateway-queue", "gateway-sync-2w"}
+    names = {
+        "sandbox",
+        "passthrough",
+        "passthrough-queue",
+        "gateway-sync",
+        "gateway-queue",
+        "gateway-sync-2w",
+    }
     assert {m["target"] for m in result["runs"]} == names
     for m in result["runs"]:
         assert m["ok"] > 0, m
         # Not a speed check: a misconfigured target answers errors, not one rare 502.
         assert m["non_2xx"] + m["socket_errors"] <= max(1, m["requests"] // 100), m
         assert m["p50_ms"] > 0 and m["p99_ms"] >= m["p50_ms"], m
+        if m["target"] == "passthrough-queue":
+            # Queue mode's baseline: nothing in it retries or forgives, so any error answer
+            # means it does not follow the sandbox's queue protocol (and its CPU per request
+            # would be that of a cheap error, not of submit + status stream + result).
+            assert m["non_2xx"] == 0, m
     for conc in result["meta"]["concurrencies"]:
         assert set(result["summary"][str(conc)]) == names
+        assert result["summary"][str(conc)]["passthrough-queue"]["non_2xx"] == 0
         for target in names - {"sandbox"}:
             comparison = result["comparisons"][str(conc)][target]
             assert comparison["throughput_vs_passthrough"] is not None
             assert comparison["added_p50_ms"] is not None
+            assert comparison["cpu_over_passthrough_ms"] is not None
+            expected = "passthrough-queue" if target == "gateway-queue" else "passthrough"
+            assert comparison["passthrough_baseline"] == expected, (target, comparison)
+        queue = result["comparisons"][str(conc)]["gateway-queue"]
+        assert queue["added_p50_vs_sandbox_ms"] is not None
+    # Over all its traffic, warm-up included: not one error answer or failed request.
+    assert result["responses"]["passthrough-queue"]["2xx"] > 0
+    assert result["responses"]["passthrough-queue"]["failed"] == 0, result["responses"]
 
     assert result["comparisons"][str(max(result["meta"]["concurrencies"]))]["gateway-sync-2w"][
         "throughput_vs_one_worker"
@@ -80,5 +101,10 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
 
     memory = result["memory"]
     assert memory["requests"] > 0 and memory["rss_after_mib"] > 0
-    assert {row["name"] for row in result["targets"]}
+    target_names = {row["name"] for row in result["targets"]}
+    for conc in result["meta"]["concurrencies"]:
+        own = f"falgate's own CPU per request, concurrency {conc}"
+        assert f"{own} (gateway-sync)" in target_names
+        assert f"{own} (gateway-queue, vs the queue pass-through)" in target_names
     assert "| concurrency | target |" in proc.stdout  # the Markdown table was printed
+    assert "| gateway-queue (vs passthrough-queue) |" in proc.stdout
