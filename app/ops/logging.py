@@ -66,8 +66,9 @@ _SECRET_PATTERNS = (
     # An Authorization value: the scheme, then a credential-like token (not "key is set").
     (re.compile(r"\b([Bb]earer|[Kk]ey)\s+[A-Za-z0-9._~+/:=-]{16,}"), r"\1 [redacted]"),
 )
-# Whether a line may hold anything ``_SECRET_PATTERNS`` rewrites: one scan instead of three.
-_MAYBE_SECRET = re.compile(r"fgk_|stx_key_|\b(?:[Bb]earer|[Kk]ey)\s")
+# Whether a line may hold anything ``_SECRET_PATTERNS`` rewrites (a superset of their matches):
+# one scan of the line, without the word-boundary tests that make the last pattern slow.
+_MAYBE_SECRET = re.compile(r"fgk_|stx_key_|earer\s|ey\s")
 _MIN_SECRET_LEN = 4
 
 # The id of the request being served, so that every line logged while serving it carries it.

@@ -66,3 +66,26 @@ def test_a_flush_lost_with_its_event_loop_does_not_hold_lines_back(tmp_path: Pat
         handler._flush_due = 0.0  # as if that flush were long overdue
         handler.emit(_record("after"))
         assert path.read_text().splitlines() == ["in a loop that ends", "after"]
+
+
+def test_the_secret_precheck_never_lets_a_secret_through() -> None:
+    """``scrub`` skips the three secret patterns when a cheap scan finds nothing they could
+    match: over many lines built from the patterns' own pieces, the result is exactly that of
+    applying every pattern."""
+    import random
+
+    from app.ops.logging import _SECRET_PATTERNS, JsonFormatter
+
+    rng = random.Random(15)
+    pieces = [
+        "Bearer ", "bearer\t", "Key ", "key  ", "KEY ", "xKey ", "fgk_", "stx_key_k1_",
+        "0123456789abcdef" * 2, "abcdefghijklmnopqrstuvwxyz", "token=", '"key_id":"key_1"',
+        " ", ":", "\u00a0", "ey", "earer", "{", "}",
+    ]  # fmt: skip
+    formatter = JsonFormatter()
+    for _ in range(3000):
+        line = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        expected = line
+        for pattern, replacement in _SECRET_PATTERNS:
+            expected = pattern.sub(replacement, expected)
+        assert formatter.scrub(line) == expected, line
