@@ -207,13 +207,13 @@ async def run_together(redis: ScriptClient | Any, *calls: ScriptCall) -> list[An
     """Run several scripts in ONE round trip and ONE command.
 
     ``redis``: redis-py's client, or the request path's pipelined connection
-    (:mod:`app.metering.multiplex`). Each script is atomic on its own and independent of the
-    others. On a single Redis they
-    run as one composite script (:class:`Composite`): one ``EVALSHA``, so Redis parses, looks
-    up and runs one command instead of a pipeline of several. On a cluster, where they may
-    live on different slots and nodes, they are sent concurrently instead (one round trip of
-    latency). Returns each script's reply, or the ``ResponseError`` it answered with. Raises
-    ``Unavailable`` when Redis cannot be reached.
+    (:mod:`app.metering.multiplex`). Each script keeps its own keys, arguments and reply, and
+    none depends on another's outcome. On a single Redis they run as one composite script
+    (:class:`Composite`): one ``EVALSHA``, one command for Redis to parse and run instead of a
+    pipeline of several (and atomic together). On a cluster, where they may live on different
+    slots and nodes, they are sent concurrently instead (one round trip of latency). Returns
+    each script's reply, or the ``ResponseError`` it answered with. Raises ``Unavailable``
+    when Redis cannot be reached.
     """
     with store_errors():
         if isinstance(redis, aioredis.RedisCluster):

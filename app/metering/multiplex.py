@@ -73,7 +73,7 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             if not self.waiting:  # pragma: no cover - Redis sent a reply nobody asked for
-                self._fail(redis.exceptions.ConnectionError("unexpected reply from Redis"))
+                self.fail(redis.exceptions.ConnectionError("unexpected reply from Redis"))
                 return
             future = self.waiting.popleft()
             if not future.done():  # a caller that timed out or went away: its reply is dropped
@@ -86,9 +86,10 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(redis.exceptions.ConnectionError(f"Redis closed the connection: {exc}"))
+        self.fail(redis.exceptions.ConnectionError(f"Redis closed the connection: {exc}"))
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
+        """Every caller still waiting gets ``exc``; the connection is closed for good."""
         self.lost = exc
         while self.waiting:
             future = self.waiting.popleft()
@@ -150,7 +151,7 @@ class MultiplexedConnection:
             async with asyncio.timeout(self.reply_timeout_s):
                 reply = await future
         except TimeoutError:
-            protocol._fail(redis.exceptions.ConnectionError("an earlier reply timed out"))
+            protocol.fail(redis.exceptions.ConnectionError("an earlier reply timed out"))
             raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
         if isinstance(reply, hiredis.ReplyError):
             raise _error(reply)
@@ -190,7 +191,7 @@ class MultiplexedConnection:
                     if isinstance(reply := await future, hiredis.ReplyError):
                         raise redis.exceptions.AuthenticationError(str(reply))
         except BaseException:
-            protocol._fail(redis.exceptions.ConnectionError("the connection did not open"))
+            protocol.fail(redis.exceptions.ConnectionError("the connection did not open"))
             raise
         self._protocol = protocol
         return protocol
@@ -198,7 +199,7 @@ class MultiplexedConnection:
     async def aclose(self) -> None:
         self._closed = True
         if self._protocol is not None:
-            self._protocol._fail(redis.exceptions.ConnectionError("the connection was closed"))
+            self._protocol.fail(redis.exceptions.ConnectionError("the connection was closed"))
 
 
 def scripts_client(client: Any, settings: Settings) -> ScriptClient:

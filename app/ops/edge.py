@@ -5,7 +5,7 @@ connection that sends half a request line, or nothing at all, stays open for eve
 keep-alive timer is armed only after a first response) nor how many connections one process
 holds (``limit_concurrency`` answers 503 to *requests* once the count is reached, so stalled
 connections would shut out honest clients). :class:`EdgeProtocol` is uvicorn's httptools
-protocol with both added, and nothing else changed:
+protocol with both added, and one signal for the application (issue 15):
 
 - **header deadline** (``FALGATE_HEADER_TIMEOUT_S``): from the moment a connection opens, or a
   keep-alive connection starts its next request, the complete request head must arrive within
@@ -16,6 +16,10 @@ protocol with both added, and nothing else changed:
   oldest connection that is not serving a request (waiting for its headers, or idle between
   keep-alive requests) is closed to make room; if every connection is busy, the new one gets
   ``503`` and is closed. Stalled clients can therefore never keep a new one out.
+- **disconnect signal**: each request's scope carries a :class:`DisconnectSignal`
+  (``scope["extensions"]["falgate.disconnect"]``) that the edge fires when the connection is
+  lost before the response completed, so the metered path can stop its work without a task
+  per request waiting for ``http.disconnect``.
 
 The body of a request is bounded by :class:`app.http.BodyLimitMiddleware`
 (``FALGATE_BODY_TIMEOUT_S``), which reads every body and answers ``408`` when it stalls.
