@@ -32,15 +32,17 @@ def _script_calls(client: redis.Redis) -> int:
     )
 
 
+@pytest.mark.parametrize("multiplex", ["true", "false"])  # false: redis-py's pooled client
 @pytest.mark.parametrize(("mode", "per_request"), [("sync", 2), ("queue", 3)])
 def test_two_round_trips_per_admitted_request(
-    gateways: GatewayFactory, tmp_path: Path, mode: str, per_request: int
+    gateways: GatewayFactory, tmp_path: Path, mode: str, per_request: int, multiplex: str
 ) -> None:
     own = EmbeddedRedis(tmp_path / "redis", persist=False)
     own.start()
     gateway = gateways.start(
         FALGATE_REDIS_URL=own.url,
         FALGATE_UPSTREAM_MODE=mode,
+        FALGATE_REDIS_MULTIPLEX=multiplex,
         FALGATE_HOLD_LEASE_S="600",  # no hold lease renewals either
         FALGATE_AUTH_CACHE_TTL_S="600",  # the key is looked up once, then cached
         FALGATE_SWEEPER_INTERVAL_S="3600",
