@@ -110,7 +110,7 @@ def _last_event(text: str) -> Mapping[str, Any] | None:
 
 def _body_of(response: httpx.Response) -> Any:
     try:
-        return response.json()
+        return fastjson.loads(response.content)  # orjson: httpx's .json() is the stdlib's
     except ValueError:
         return None
 
@@ -505,10 +505,17 @@ class FalClient:
             raise RuntimeError("FalClient.start() was not called")
         repeatable = method != "POST"
         retries = max(self._settings.upstream_max_retries, 0)
+        # Encoded once, with orjson (httpx's ``json=`` is the standard library's encoder).
+        content = None if json is None else fastjson.dumps(json)
+        request_headers = dict(headers or {})
+        if content is not None:
+            request_headers["Content-Type"] = "application/json"
         for attempt in range(retries + 1):
             last = attempt == retries
             try:
-                response = await self._http.request(method, url, json=json, headers=headers)
+                response = await self._http.request(
+                    method, url, content=content, headers=request_headers
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 # Nothing reached fal: always safe to try again.
                 if last:
