@@ -43,14 +43,14 @@ def test_clients_that_go_away_leave_nothing_held(gateway: Gateway, clean_sandbox
 def test_a_client_that_leaves_has_its_fal_job_cancelled_at_once(
     gateways: GatewayFactory, clean_sandbox: Sandbox
 ) -> None:
-    """The edge tells the request its client left (no watcher task): the fal job is cancelled
-    within a second, long before any of the gateway's own deadlines (60 s here), the hold is
-    released and the access line says 499, in sync and in queue mode."""
+    """The edge tells the request its client left (no watcher task): the request ends with a
+    499 although fal never answers and the gateway's own deadlines are 10 minutes away, and the
+    hold is released, in sync and in queue mode. (Without the signal nothing would end it.)"""
     for mode in ("sync", "queue"):
         gateway = gateways.start(
             FALGATE_UPSTREAM_MODE=mode,
-            FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="60",
-            FALGATE_UPSTREAM_READ_TIMEOUT_S="60",
+            FALGATE_UPSTREAM_REQUEST_TIMEOUT_S="600",
+            FALGATE_UPSTREAM_READ_TIMEOUT_S="600",
         )
         try:
             clean_sandbox.reset()
@@ -58,11 +58,9 @@ def test_a_client_that_leaves_has_its_fal_job_cancelled_at_once(
             clean_sandbox.configure(faults=[{"kind": "hang", "scope": "any"}])
             with gateway.client(key) as client, pytest.raises(httpx.ReadTimeout):
                 client.post("/v1/run/fal-ai/flux/dev", json=BODY, timeout=0.5)
-            left = time.monotonic()
-            deadline = left + 5
+            deadline = time.monotonic() + 30  # a wait for the line, not a speed check
             while time.monotonic() < deadline and " 499" not in gateway.output():
                 time.sleep(0.05)
-            assert time.monotonic() - left < 3, "the request kept running after its client left"
             lines = [json.loads(x) for x in gateway.output().splitlines() if '"status":499' in x]
             assert [line["route"] for line in lines] == ["/v1/run/{model_id}"], lines
             clean_sandbox.reset()
