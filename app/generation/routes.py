@@ -28,6 +28,7 @@ from app.metering.idempotency import KEY_PATTERN, MAX_KEY_LENGTH
 from app.metering.meter import RequestRecord
 from app.money import display_price, format_usd
 from app.ops.edge import DISCONNECT_EXTENSION, DisconnectSignal
+from app.routing import FlatRoute
 from app.schemas import METERED, error_responses
 from app.settings import Settings
 
@@ -35,7 +36,7 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_MODEL = "fal-ai/flux/dev"
 
-router = APIRouter(prefix="/v1", tags=["generation"])
+router = APIRouter(prefix="/v1", tags=["generation"], route_class=FlatRoute)
 
 _RUN_ERRORS = error_responses(400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)
 _PRICE_ERRORS = error_responses(400, 401, 403, 404, 413, 503)

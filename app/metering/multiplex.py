@@ -59,15 +59,46 @@ def _converted(reply: Any) -> Any:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout_s: float) -> None:
         self.reader = hiredis.Reader(encoding="utf-8", errors="replace")
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Callers in the order of their commands, with when their reply is due.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.outgoing: list[bytes] = []  # commands of this turn of the event loop
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
+        self.reply_timeout_s = reply_timeout_s
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def send(self, loop: asyncio.AbstractEventLoop, command: bytes) -> asyncio.Future[Any]:
+        """Queue ``command`` for this turn's write; its reply, when it comes, is the future's."""
+        future = loop.create_future()
+        due = loop.time() + self.reply_timeout_s
+        self.waiting.append((future, due))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(due, self._watch)
+        if not self.outgoing:
+            loop.call_soon(self.flush)
+        self.outgoing.append(command)
+        return future
+
+    def _watch(self) -> None:
+        """Replies come in order, so only the oldest unanswered command can be late: one timer
+        per connection instead of one per command."""
+        self._watchdog = None
+        if not self.waiting or self.lost is not None:
+            return
+        future, due = self.waiting[0]
+        loop = future.get_loop()
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._watch)
+            return
+        self.waiting.popleft()
+        if not future.done():
+            future.set_exception(redis.exceptions.TimeoutError("Timeout reading from Redis"))
+        self.fail(redis.exceptions.ConnectionError("an earlier reply timed out"))
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -75,8 +106,8 @@ class _Protocol(asyncio.Protocol):
             if not self.waiting:  # pragma: no cover - Redis sent a reply nobody asked for
                 self.fail(redis.exceptions.ConnectionError("unexpected reply from Redis"))
                 return
-            future = self.waiting.popleft()
-            if not future.done():  # a caller that timed out or went away: its reply is dropped
+            future, _ = self.waiting.popleft()
+            if not future.done():  # a caller that went away: its reply is dropped
                 future.set_result(reply)
 
     def flush(self) -> None:
@@ -91,8 +122,11 @@ class _Protocol(asyncio.Protocol):
     def fail(self, exc: BaseException) -> None:
         """Every caller still waiting gets ``exc``; the connection is closed for good."""
         self.lost = exc
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(exc)
         if self.transport is not None:
@@ -141,18 +175,7 @@ class MultiplexedConnection:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._connected()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        protocol.waiting.append(future)
-        if not protocol.outgoing:
-            loop.call_soon(protocol.flush)
-        protocol.outgoing.append(_packed(command))
-        try:
-            async with asyncio.timeout(self.reply_timeout_s):
-                reply = await future
-        except TimeoutError:
-            protocol.fail(redis.exceptions.ConnectionError("an earlier reply timed out"))
-            raise redis.exceptions.TimeoutError("Timeout reading from Redis") from None
+        reply = await protocol.send(asyncio.get_running_loop(), _packed(command))
         if isinstance(reply, hiredis.ReplyError):
             raise _error(reply)
         return _converted(reply)
@@ -173,19 +196,16 @@ class MultiplexedConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+                _, protocol = await loop.create_connection(
+                    lambda: _Protocol(self.reply_timeout_s), self.host, self.port
+                )
         except (OSError, TimeoutError) as exc:
             raise redis.exceptions.ConnectionError(
                 f"Error connecting to {self.host}:{self.port}: {exc}"
             ) from exc
         try:
             assert protocol.transport is not None
-            replies = []
-            for command in self._hello:
-                future = loop.create_future()
-                protocol.waiting.append(future)
-                protocol.transport.write(_packed(command))
-                replies.append(future)
+            replies = [protocol.send(loop, _packed(command)) for command in self._hello]
             async with asyncio.timeout(self.connect_timeout_s):
                 for future in replies:
                     if isinstance(reply := await future, hiredis.ReplyError):

@@ -110,6 +110,9 @@ async def test_a_stalled_redis_times_out_then_the_connection_recovers(
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
     assert all(isinstance(r, redis.exceptions.RedisError) for r in results), results
+    # One timer per connection: the oldest command times out, the rest fail with it.
+    assert isinstance(results[0], redis.exceptions.TimeoutError), results
+    assert all(type(r) is redis.exceptions.ConnectionError for r in results[1:]), results
     with pytest.raises(Unavailable), store_errors():  # how the money path sees it
         raise results[0]
     assert await conn.execute("PING") == "PONG"  # a new connection, no new client
