@@ -15,7 +15,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 
 from app.deps import CurrentKey
 from app.errors import FalgateError, Unavailable, request_id_of, validation_error
@@ -33,6 +32,7 @@ from app.metering.http import idempotent
 from app.metering.meter import RequestRecord
 from app.money import format_usd
 from app.redis import REDIS_ERRORS
+from app.routing import FlatRoute
 
 _LOGS = {"1": True, "true": True, "0": False, "false": False, "": False}
 _STREAM_POLL_S = 0.1
@@ -45,8 +45,9 @@ def fal_error_response(request: Request, exc: FalgateError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class FalRoute(APIRoute):
-    """Routes whose errors (including auth and parameter errors) are rendered in fal's shape."""
+class FalRoute(FlatRoute):
+    """Routes whose errors (including auth and parameter errors) are rendered in fal's shape;
+    planned like the metered routes where their shape allows (``app.routing``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()

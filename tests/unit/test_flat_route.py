@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from app.errors import Unauthorized, _leaf_routes, add_exception_handlers
+from app.falapi.routes import router as fal_router
 from app.fastjson import FastJSONResponse
 from app.generation.routes import router as generation_router
 from app.generation.schemas import GenerateRequest
@@ -161,6 +162,8 @@ def test_every_metered_route_is_planned() -> None:
     metered = [r for r in routes if not r.path.endswith("/price")]
     assert len(metered) == 4 and all(r.planned for r in metered)
     assert all(not r.planned and plan_of(r) is None for r in routes if r not in metered)
+    fal = {r.name: r for r in _leaf_routes(fal_router.routes) if isinstance(r, FlatRoute)}
+    assert fal["fal_run"].planned and fal["fal_queue_submit"].planned
 
 
 def test_dependency_overrides_are_honoured() -> None:
