@@ -99,48 +99,95 @@ def _lean_records() -> None:
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A ``StreamHandler`` whose lines reach the stream at once but are flushed (one write to
-    stdout) at most every ``interval_s`` on an event loop: under load, one write carries the
-    lines of many requests instead of one system call per line.
+    """A ``StreamHandler`` that flushes at most every ``interval_s`` on an event loop, and
+    writes the lines of the loggers named in ``batched`` (the access line: one per request)
+    then too, formatted together: under load one write carries the lines of many requests,
+    instead of a system call per line (stdout is unbuffered under ``PYTHONUNBUFFERED``, as in
+    the Docker image) and formatting work between the requests' other work.
 
+    Any other line is written at once, after the waiting ones, so the order is kept and a
+    process that ends (uvicorn re-raises SIGTERM after its last line) loses none of them. A
+    waiting record keeps what it would have been formatted with: it waits only when its
+    arguments are plain values and it carries no traceback, and it takes the id of the request
+    being served along. Extra fields are kept by reference, as ``QueueHandler`` keeps them.
     Lines of ``WARNING`` and above, and lines logged where no event loop runs (another thread,
-    start-up, the CLI), are flushed at once; ``logging.shutdown`` flushes the rest at exit.
+    start-up, the CLI), are flushed at once; ``logging.shutdown`` writes the rest at exit.
     """
 
-    def __init__(self, stream: Any = None, interval_s: float = 0.02) -> None:
+    def __init__(
+        self, stream: Any = None, interval_s: float = 0.02, batched: Iterable[str] = ()
+    ) -> None:
         super().__init__(stream)
         self.interval_s = interval_s
+        self.batched = frozenset(batched)
         self._flush_due: float | None = None  # when the scheduled flush should have run
+        self._waiting: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + self.terminator)
+            loop = _running_loop()
+            if (
+                loop is not None
+                and record.name in self.batched
+                and record.levelno < logging.WARNING
+                and _can_wait(record)
+            ):
+                record._falgate_request_id = _current_request_id.get()
+                self._waiting.append(record)
+            else:
+                self._write_waiting()
+                self.stream.write(self.format(record) + self.terminator)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING:
+        if loop is None or record.levelno >= logging.WARNING:
             self.flush()
             return
         due = self._flush_due
         if due is not None and time.monotonic() < due + 1.0:
             return  # a flush is scheduled (one more than a second late: its loop is gone)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
         self._flush_due = time.monotonic() + self.interval_s
         loop.call_later(self.interval_s, self._scheduled_flush)
 
+    def _write_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        lines = []
+        for record in waiting:
+            try:
+                lines.append(self.format(record) + self.terminator)
+            except Exception:
+                self.handleError(record)
+        if lines:
+            self.stream.write("".join(lines))
+
     def _scheduled_flush(self) -> None:
-        self._flush_due = None
         self.flush()
 
     def flush(self) -> None:
-        self._flush_due = None
-        super().flush()
+        with self.lock:  # type: ignore[union-attr]  # emit runs under it (Handler.handle)
+            self._flush_due = None
+            self._write_waiting()
+            super().flush()
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _can_wait(record: logging.LogRecord) -> bool:
+    """Whether formatting ``record`` later gives the line it would give now."""
+    if record.exc_info or record.exc_text or record.stack_info:
+        return False
+    args = record.args
+    return not args or (isinstance(args, tuple) and all(type(a) in _PLAIN for a in args))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class JsonFormatter(logging.Formatter):
@@ -164,10 +211,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        request_id = _current_request_id.get()
+        fields = vars(record)
+        # A record formatted after its request (BatchedStreamHandler) carries the request's id.
+        request_id = fields.get("_falgate_request_id") or _current_request_id.get()
         if request_id is not None:
             data["request_id"] = request_id
-        for name, value in vars(record).items():
+        for name, value in fields.items():
             if name not in _RECORD_ATTRS and not name.startswith("_"):
                 data[name] = value
         if record.exc_info:
@@ -220,6 +269,7 @@ def logging_config(settings: Settings) -> dict[str, Any]:
                 "class": f"{__name__}.BatchedStreamHandler",
                 "formatter": "json",
                 "stream": "ext://sys.stdout",
+                "batched": [access_log.name],
             },
         },
         "root": {"handlers": ["stdout"], "level": level},

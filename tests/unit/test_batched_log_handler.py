@@ -1,15 +1,18 @@
 """The log handler's batching: lines reach stdout together, and never later than the interval.
 
-Read from the file on disk (what a log shipper sees), not from the stream's buffer.
+Read from the file on disk (what a log shipper sees), not from the stream's buffer, or from a
+stream that counts its writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 from pathlib import Path
 
-from app.ops.logging import BatchedStreamHandler
+from app.ops.logging import BatchedStreamHandler, JsonFormatter, _current_request_id
 
 
 def _record(message: str, level: int = logging.INFO) -> logging.LogRecord:
@@ -89,3 +92,81 @@ def test_the_secret_precheck_never_lets_a_secret_through() -> None:
         for pattern, replacement in _SECRET_PATTERNS:
             expected = pattern.sub(replacement, expected)
         assert formatter.scrub(line) == expected, line
+
+
+class _CountingStream(io.StringIO):
+    """stdout as ``PYTHONUNBUFFERED`` makes it: every ``write`` is a system call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def _access(status: int, args: tuple[object, ...] | None = None) -> logging.LogRecord:
+    record = logging.LogRecord(
+        "falgate.access", logging.INFO, __file__, 1, "POST /v1/run %s", args or (status,), None
+    )
+    record.status = status
+    return record
+
+
+def test_access_lines_wait_for_one_write_and_keep_their_request_id() -> None:
+    stream = _CountingStream()
+    handler = BatchedStreamHandler(stream, interval_s=0.05, batched=["falgate.access"])
+    handler.setFormatter(JsonFormatter())
+
+    async def serve() -> tuple[int, int]:
+        for i in range(20):
+            token = _current_request_id.set(f"req_{i}")
+            try:
+                handler.emit(_access(200 + i))
+            finally:
+                _current_request_id.reset(token)
+        before = stream.writes
+        await asyncio.sleep(0.2)
+        return before, stream.writes
+
+    before, after = asyncio.run(serve())
+    assert (before, after) == (0, 1)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["request_id"], line["status"]) for line in lines] == [
+        (f"req_{i}", 200 + i) for i in range(20)
+    ]
+    assert lines[3]["msg"] == "POST /v1/run 203"
+
+
+def test_other_lines_are_written_at_once_after_the_waiting_ones() -> None:
+    stream = _CountingStream()
+    handler = BatchedStreamHandler(stream, interval_s=60, batched=["falgate.access"])
+
+    async def serve() -> list[str]:
+        handler.emit(_access(200))
+        handler.emit(_access(201))
+        done = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Done.", None, None)
+        handler.emit(done)  # not a batched logger: written now, after the two before it
+        return stream.getvalue().splitlines()
+
+    assert asyncio.run(serve()) == [
+        "POST /v1/run 200",
+        "POST /v1/run 201",
+        "Done.",
+    ]
+
+
+def test_a_record_that_could_change_is_formatted_at_once() -> None:
+    """Arguments other than plain values (a dict a caller may still change) and tracebacks
+    are formatted when logged, not later."""
+    stream = _CountingStream()
+    handler = BatchedStreamHandler(stream, interval_s=60, batched=["falgate.access"])
+    changing = {"a": 1}
+
+    async def serve() -> str:
+        handler.emit(_access(200, args=(changing,)))
+        changing["a"] = 2
+        return stream.getvalue()
+
+    assert asyncio.run(serve()) == "POST /v1/run {'a': 1}\n"
