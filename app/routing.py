@@ -17,7 +17,8 @@ is built, in FastAPI's order and with FastAPI's errors:
 Only that shape is planned; a route with anything else (query or cookie parameters, a
 response model to serialise, dependencies of dependencies, ``yield`` dependencies...) keeps
 FastAPI's handler, and so does every request while ``app.dependency_overrides`` is not
-empty. The OpenAPI document comes from the same route declaration as before.
+empty. The OpenAPI document comes from the same route declaration as before. What a planned
+route does not do is fill FastAPI's own per-request telemetry record (body and values).
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from typing import Annotated, Any, cast
 
 import fastapi.routing
 import orjson
-from fastapi import params
+from fastapi import HTTPException, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -211,7 +211,7 @@ def _awaitable(call: Any) -> bool:
 def _returns_response(call: Any) -> bool:
     try:
         returned = inspect.signature(call, eval_str=True).return_annotation
-    except (NameError, TypeError, ValueError):
+    except Exception:  # an annotation that does not resolve: FastAPI's handler then
         return False
     return isinstance(returned, type) and issubclass(returned, Response)
 
