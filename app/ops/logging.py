@@ -177,7 +177,7 @@ _PLAIN = (str, int, float, bool, type(None))
 
 def _can_wait(record: logging.LogRecord) -> bool:
     """Whether formatting ``record`` later gives the line it would give now."""
-    if record.exc_info or record.exc_text or record.stack_info:
+    if record.exc_info or record.exc_text or record.stack_info or type(record.msg) is not str:
         return False
     args = record.args
     return not args or (isinstance(args, tuple) and all(type(a) in _PLAIN for a in args))
@@ -212,8 +212,12 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         fields = vars(record)
-        # A record formatted after its request (BatchedStreamHandler) carries the request's id.
-        request_id = fields.get("_falgate_request_id") or _current_request_id.get()
+        # A record formatted after it was logged (BatchedStreamHandler) carries the id of the
+        # request it was logged in, or None: not that of whichever request is served now.
+        if "_falgate_request_id" in fields:
+            request_id = fields["_falgate_request_id"]
+        else:
+            request_id = _current_request_id.get()
         if request_id is not None:
             data["request_id"] = request_id
         for name, value in fields.items():

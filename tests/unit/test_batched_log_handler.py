@@ -139,6 +139,25 @@ def test_access_lines_wait_for_one_write_and_keep_their_request_id() -> None:
     assert lines[3]["msg"] == "POST /v1/run 203"
 
 
+def test_a_waiting_line_logged_outside_a_request_does_not_take_the_next_ones_id() -> None:
+    stream = _CountingStream()
+    handler = BatchedStreamHandler(stream, interval_s=60, batched=["falgate.access"])
+    handler.setFormatter(JsonFormatter())
+
+    async def serve() -> list[dict[str, object]]:
+        handler.emit(_access(200))  # logged outside any request: waits
+        token = _current_request_id.set("req_later")
+        try:  # a line of another request, written at once: the waiting one goes first
+            handler.emit(logging.LogRecord("falgate", logging.INFO, __file__, 1, "x", None, None))
+        finally:
+            _current_request_id.reset(token)
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    first, second = asyncio.run(serve())
+    assert "request_id" not in first
+    assert second["request_id"] == "req_later"
+
+
 def test_other_lines_are_written_at_once_after_the_waiting_ones() -> None:
     stream = _CountingStream()
     handler = BatchedStreamHandler(stream, interval_s=60, batched=["falgate.access"])
