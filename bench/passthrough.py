@@ -1,8 +1,8 @@
 """The benchmark's baseline: a bare pass-through proxy on the gateway's own server stack.
 
 FastAPI on uvicorn (same event loop and HTTP parser as ``falgate serve``), one pooled
-``httpx.AsyncClient`` on the same HTTP transport as the gateway's fal client (``--transport``,
-default ``aiohttp``: ``app/upstream/transport.py``), and one route:
+``httpx.AsyncClient`` of the gateway's fal client's kind (no cookie jar) on the same HTTP
+transport (``--transport``, default ``aiohttp``: ``app/upstream/transport.py``), and one route:
 ``POST /v1/run/{model_id}``, in one of two modes (``--mode``):
 
 - ``sync`` (default): forwards the body unchanged to the upstream's sync route
@@ -32,7 +32,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from app.upstream.transport import AiohttpTransport
+from app.upstream.transport import AiohttpTransport, CookielessAsyncClient
 
 MODES = ("sync", "queue")
 _JSON = {"Content-Type": "application/json"}
@@ -53,7 +53,7 @@ def create_passthrough_app(
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections // 2
         )
-        async with httpx.AsyncClient(
+        async with CookielessAsyncClient(
             transport=AiohttpTransport(limits=limits) if transport == "aiohttp" else None,
             base_url=upstream.rstrip("/"),
             headers={"Authorization": "Key sandbox", "User-Agent": "passthrough"},

@@ -36,7 +36,7 @@ from app.errors import (
 )
 from app.ops.metrics import observe_upstream
 from app.settings import Settings
-from app.upstream.transport import AiohttpTransport
+from app.upstream.transport import AiohttpTransport, CookielessAsyncClient
 from app.upstream.types import (
     GeneratedImage,
     OnSubmitted,
@@ -229,7 +229,7 @@ class FalClient:
         if transport is None and s.upstream_transport == "aiohttp":
             # httpx stays the interface; aiohttp's pool and parser move the bytes (issue 15).
             transport = AiohttpTransport(limits=limits)
-        self._http = httpx.AsyncClient(
+        self._http = CookielessAsyncClient(
             headers={"Authorization": f"Key {credentials}", "User-Agent": "falgate"},
             timeout=httpx.Timeout(
                 connect=s.upstream_connect_timeout_s,
