@@ -178,6 +178,20 @@ class _Plan:
             ) from exc
 
 
+def _takes_framework_objects(dependant: Any) -> bool:
+    """Whether it asks FastAPI for a websocket, connection, response, background tasks or
+    security scopes (none of which a plan provides)."""
+    return any(
+        (
+            dependant.websocket_param_name,
+            dependant.http_connection_param_name,
+            dependant.response_param_name,
+            dependant.background_tasks_param_name,
+            dependant.security_scopes_param_name,
+        )
+    )
+
+
 def _request_only(dependant: Any) -> bool:
     """A dependency that takes the request and nothing else, and is awaited."""
     return (
@@ -190,13 +204,9 @@ def _request_only(dependant: Any) -> bool:
                 dependant.header_params,
                 dependant.cookie_params,
                 dependant.body_params,
-                dependant.websocket_param_name,
-                dependant.http_connection_param_name,
-                dependant.response_param_name,
-                dependant.background_tasks_param_name,
-                dependant.security_scopes_param_name,
             )
         )
+        and not _takes_framework_objects(dependant)
         and _awaitable(dependant.call)
         and getattr(dependant, "concurrency", None) is None
     )
@@ -244,15 +254,7 @@ def plan_of(route: APIRoute) -> _Plan | None:
         return None
     if dependant.query_params or dependant.cookie_params or len(dependant.body_params) > 1:
         return None
-    if any(
-        (
-            dependant.websocket_param_name,
-            dependant.http_connection_param_name,
-            dependant.response_param_name,
-            dependant.background_tasks_param_name,
-            dependant.security_scopes_param_name,
-        )
-    ):
+    if _takes_framework_objects(dependant):
         return None
     if not all(_request_only(sub) for sub in dependant.dependencies):
         return None
