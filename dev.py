@@ -38,12 +38,18 @@ def ensure_venv() -> None:
 
 
 # Programs the tests run besides Python's: docker-compose checks the compose file (no engine
-# needed), curl runs the README's examples. Installed from Debian's packages when missing.
-SYSTEM_TOOLS = {"docker-compose": "docker-compose", "curl": "curl"}
+# needed), curl runs the README's examples, nginx is the benchmark's fixed-reply upstream (its
+# smoke test). Installed from Debian's packages when missing.
+SYSTEM_TOOLS = {"docker-compose": "docker-compose", "curl": "curl", "nginx": "nginx-light"}
+
+
+def _installed(tool: str) -> bool:
+    # Debian puts nginx in /usr/sbin, which a non-root PATH may not include.
+    return shutil.which(tool) is not None or os.access(f"/usr/sbin/{tool}", os.X_OK)
 
 
 def ensure_system_tools() -> None:
-    missing = [pkg for tool, pkg in SYSTEM_TOOLS.items() if shutil.which(tool) is None]
+    missing = [pkg for tool, pkg in SYSTEM_TOOLS.items() if not _installed(tool)]
     if not missing:
         return
     if shutil.which("apt-get") is None:

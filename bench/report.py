@@ -49,7 +49,9 @@ def render(result: dict[str, Any]) -> str:
             # Results before the queue pass-through have no baseline fields: all were "sync".
             base = cmp.get("passthrough_baseline", "passthrough")
             label = target
-            if base != "passthrough":
+            if base is None:  # in front of the fixed-reply stub: compared with each other only
+                label = f"{target} (fixed-reply upstream)"
+            elif base != "passthrough":
                 rebased[target] = base
                 label = f"{target} (vs {base})"
                 if cmp.get("added_p50_vs_sandbox_ms") is not None:
@@ -75,6 +77,19 @@ def render(result: dict[str, Any]) -> str:
             note += " Added p50 / p99 over calling the sandbox directly: "
             note += "; ".join(over_sandbox[target]) + "."
         lines += [note, ""]
+    stub = [
+        f"{target} {row['upstream_cpu_ms_per_request']:.3f} ms at concurrency {conc}"
+        for conc, per_target in result["summary"].items()
+        for target, row in per_target.items()
+        if row.get("upstream_cpu_ms_per_request") is not None
+    ]
+    if stub:
+        lines += [
+            "Fixed-reply upstream: nginx (one worker process) answering every request with one "
+            "answer the sandbox gave, so that the gateway's processes have the cores to "
+            "themselves; its CPU per request: " + "; ".join(stub) + ".",
+            "",
+        ]
     lines += _relative(result)
     redis_cpu = [
         f"{target} {row['redis_cpu_ms_per_request']:.2f} ms at concurrency {conc}"

@@ -3,6 +3,8 @@
 - :func:`start_sandbox`: ``falgate sandbox`` (fal emulator), no simulated latency;
 - :func:`start_passthrough`: ``bench/passthrough.py``, the baseline proxy (sync, or fal's queue
   protocol for queue mode's baseline);
+- :func:`start_stub`: nginx answering every request with one answer the sandbox gave (a
+  fixed-reply upstream that needs almost no CPU, for measuring gateway workers);
 - :func:`start_gateway`: ``falgate serve`` with keys, metering and rate limits on, against its
   own private Redis (``app.redis.EmbeddedRedis``, the server the tests use), so Redis traffic
   can be attributed to one gateway;
@@ -138,6 +140,75 @@ def start_sandbox(workdir: Path) -> Service:
     config = {"latency_ms": 0, "queue_ms": 0, "max_file_bytes": 64 * 1024 * 1024}
     httpx.put(f"{url}/_sandbox/config", json=config, timeout=10).raise_for_status()
     return Service("sandbox", url, proc, log)
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx (``apt-get install nginx-light``), if installed."""
+    found = shutil.which("nginx")
+    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
+        found = "/usr/sbin/nginx"
+    return found
+
+
+_STUB_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {workdir}/stub-nginx.pid;
+error_log {workdir}/stub.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_buffer_size 64k;
+    client_body_temp_path {workdir}/stub-temp;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type application/json;
+            add_header X-Fal-Request-Id {request_id} always;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
+def start_stub(workdir: Path, sandbox_url: str, body: bytes) -> Service | None:
+    """nginx with one worker, answering any request with the sandbox's answer to ``body``
+    (its JSON and ``X-Fal-Request-Id``, recorded once at start): an upstream that costs tens
+    of microseconds of CPU per request, so that the gateway's processes have the machine's
+    cores to themselves. None if nginx is not installed."""
+    binary = nginx_binary()
+    if binary is None:
+        return None
+    answer = httpx.post(
+        f"{sandbox_url}/fal-ai/flux/dev",
+        content=body,
+        headers={"Authorization": "Key sandbox", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+    text = answer.content.decode()
+    if any(c in text for c in "'\\$") or not answer.headers.get("x-fal-request-id"):
+        raise RuntimeError(f"the sandbox's answer cannot be served verbatim by nginx: {text}")
+    port = free_port()
+    conf = workdir / "stub-nginx.conf"
+    conf.write_text(
+        _STUB_CONF.format(
+            # A root master would start its worker as "nobody", who cannot read the workdir.
+            user="user root;\n" if os.geteuid() == 0 else "",
+            workdir=workdir,
+            port=port,
+            request_id=answer.headers["x-fal-request-id"],
+            body=text,
+        )
+    )
+    args = [binary, "-p", str(workdir), "-e", str(workdir / "stub.log"), "-c", str(conf)]
+    proc, log = _spawn("stub", args, workdir)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url, proc, log)
+    return Service("stub", url, proc, log)
 
 
 def start_passthrough(workdir: Path, upstream: str, mode: str = "sync") -> Service:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.stack import nginx_binary
+
 ROOT = Path(__file__).resolve().parents[2]
 # The Python fallback always (CI has no wrk); wrk too where it is installed.
 TOOLS = ["python", *(["wrk"] if shutil.which("wrk") else [])]
@@ -53,6 +55,9 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
         "gateway-queue",
         "gateway-sync-2w",
     }
+    # The workers again in front of the fixed-reply nginx stub (the test command installs it).
+    stubbed = {"gateway-sync-stub", "gateway-sync-stub-2w"} if nginx_binary() else set()
+    names |= stubbed
     assert {m["target"] for m in result["runs"]} == names
     for m in result["runs"]:
         assert m["ok"] > 0, m
@@ -67,7 +72,7 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
     for conc in result["meta"]["concurrencies"]:
         assert set(result["summary"][str(conc)]) == names
         assert result["summary"][str(conc)]["passthrough-queue"]["non_2xx"] == 0
-        for target in names - {"sandbox"}:
+        for target in names - {"sandbox"} - stubbed:
             comparison = result["comparisons"][str(conc)][target]
             assert comparison["throughput_vs_passthrough"] is not None
             assert comparison["added_p50_ms"] is not None
@@ -83,7 +88,13 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
     assert result["comparisons"][str(max(result["meta"]["concurrencies"]))]["gateway-sync-2w"][
         "throughput_vs_one_worker"
     ]
-    for mode in ("sync", "queue", "sync-2w"):
+    top = str(max(result["meta"]["concurrencies"]))
+    for target in stubbed:  # the stub answered every request the gateways sent it
+        assert result["summary"][top][target]["upstream_cpu_ms_per_request"] > 0, target
+        assert result["comparisons"][top][target]["throughput_vs_passthrough"] is None
+    if stubbed:
+        assert result["comparisons"][top]["gateway-sync-stub-2w"]["throughput_vs_one_worker"]
+    for mode in ("sync", "queue", "sync-2w", *(n.removeprefix("gateway-") for n in stubbed)):
         if mode in ("sync", "queue"):
             redis = result["redis"][mode]
             assert redis["admitted"] > 0 and redis["commands_total"] > 0
