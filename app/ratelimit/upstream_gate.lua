@@ -6,6 +6,11 @@
 -- that holds the fewest slots, and within a key to its oldest waiter: one key's burst cannot
 -- starve another key.
 --
+-- The common case, a slot free and nobody waiting, takes the slot (or gives it back) in a
+-- handful of commands. Expired leases are reclaimed only where they could be in someone's
+-- way: when the slots are all taken, when anyone waits, and for the stats; an expired holder
+-- only ever makes the gate stricter, never looser.
+--
 -- KEYS (all under {falgate:gate}):
 --   1 holders   zset  request id -> lease deadline (ms)
 --   2 owners    hash  request id -> key id (holders and waiters)
@@ -47,11 +52,13 @@ local function drop_waiter(rid)
 end
 
 -- Reclaim the slots and places of processes that stopped renewing (crashed).
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', holders, '-inf', now)) do
-  drop_holder(rid)
-end
-for _, rid in ipairs(redis.call('ZRANGEBYSCORE', wleases, '-inf', now)) do
-  drop_waiter(rid)
+local function reclaim()
+  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', holders, '-inf', now)) do
+    drop_holder(rid)
+  end
+  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', wleases, '-inf', now)) do
+    drop_waiter(rid)
+  end
 end
 
 local function grant_free_slots()
@@ -102,6 +109,13 @@ if op == 'acquire' then
     redis.call('ZADD', holders, now + lease_ms, rid)
     return {1}
   end
+  if redis.call('ZCARD', waiters) == 0 and redis.call('ZCARD', holders) < capacity then
+    redis.call('ZADD', holders, now + lease_ms, rid)
+    redis.call('HSET', owners, rid, key)
+    redis.call('HINCRBY', perkey, key, 1)
+    return {1}
+  end
+  reclaim()
   if not redis.call('ZSCORE', waiters, rid) then
     redis.call('ZADD', waiters, redis.call('INCR', seq), rid)
     redis.call('HSET', owners, rid, key)
@@ -115,8 +129,11 @@ if op == 'acquire' then
 elseif op == 'release' then
   local rid = ARGV[4]
   drop_holder(rid)
-  drop_waiter(rid)
-  grant_free_slots()
+  if redis.call('ZCARD', waiters) > 0 then -- rid itself may be one (it gave up waiting)
+    drop_waiter(rid)
+    reclaim()
+    grant_free_slots()
+  end
   return 1
 elseif op == 'renew' then
   local renewed = 0
@@ -126,6 +143,7 @@ elseif op == 'renew' then
   end
   return renewed
 elseif op == 'stats' then
+  reclaim()
   grant_free_slots()
   return {redis.call('ZCARD', holders), redis.call('ZCARD', waiters)}
 end

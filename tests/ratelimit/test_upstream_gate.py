@@ -128,3 +128,48 @@ async def test_a_cancelled_waiter_gives_up_its_place(
     await g.release("req_1")
     stats = await g.stats()
     assert (stats.in_use, stats.waiting) == (0, 0)
+
+
+async def _commands_inside(r: Any, work: Any) -> int:
+    """How many commands the gate's script ran inside Redis for ``work`` (``commandstats``)."""
+    await r.config_resetstat()
+    await work
+    stats = await r.info("commandstats")
+    # Neither the script call itself nor this function's own CONFIG and INFO.
+    skipped = {"cmdstat_evalsha", "cmdstat_config", "cmdstat_info"}
+    return sum(int(row["calls"]) for name, row in stats.items() if name not in skipped)
+
+
+async def test_a_free_slot_with_nobody_waiting_is_taken_and_given_back_cheaply(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    """The common case does not scan for expired leases or queue order: every command run
+    inside a script costs Redis CPU on every request (issue 15)."""
+    g = gate(gate_redis, gate_settings, upstream_max_concurrent=2)
+    await g.acquire("key_a", "req_0")  # one slot of two taken: still nobody waits
+    assert await _commands_inside(gate_redis, g.acquire("key_a", "req_1")) <= 7
+    assert await _commands_inside(gate_redis, g.release("req_1")) <= 7
+    await g.release("req_0")
+    stats = await g.stats()
+    assert (stats.in_use, stats.waiting) == (0, 0)
+    assert await gate_redis.hgetall("{falgate:gate}:perkey") == {}
+
+
+async def test_an_expired_slot_below_the_cap_is_reclaimed_once_it_matters(
+    gate_redis: Any, gate_settings: Settings
+) -> None:
+    crashed = gate(gate_redis, gate_settings, "proc_dead", upstream_max_concurrent=2)
+    await crashed.acquire("key_a", "req_dead")  # never released, never renewed
+    await asyncio.sleep(1.1)  # its lease (1 s) ran out
+    alive = gate(gate_redis, gate_settings, "proc_alive", upstream_max_concurrent=2)
+    await alive.acquire("key_b", "req_1")  # a free slot: taken at once
+    # The cap is now reached on paper; the next one reclaims the dead slot instead of waiting.
+    await asyncio.wait_for(alive.acquire("key_b", "req_2"), timeout=0.5)
+    stats = await alive.stats()
+    assert (stats.in_use, stats.waiting) == (2, 0)
+    assert await gate_redis.hgetall("{falgate:gate}:perkey") == {"key_b": "2"}
+    await alive.release("req_1")
+    await alive.release("req_2")
+    await crashed.acquire("key_a", "req_3")
+    await asyncio.sleep(1.1)
+    assert (await alive.stats()).in_use == 0  # the stats do not count expired slots
