@@ -66,10 +66,21 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class EmbeddedRedis:
-    """A private, password-protected ``redis-server`` on loopback, persisted with AOF.
+#: The longest Unix socket path every platform takes (``sun_path``: 108 bytes on Linux, 104 on
+#: macOS, with the final NUL).
+_MAX_SOCKET_PATH = 103
 
-    Its URL is written to ``<data_dir>/redis.url`` (mode 600) so that ``falgate keys`` and
+
+class EmbeddedRedis:
+    """A private, password-protected ``redis-server``, persisted with AOF.
+
+    It listens on loopback TCP and on a Unix socket in its private directory (mode 700, the
+    socket itself 700). :attr:`url` names the socket, unless its path is too long for one or
+    the file system cannot hold one, and then the TCP port. A round trip over the socket costs
+    Redis 7-12 % less CPU per gateway request than one through the loopback TCP stack (issue
+    15), and only this user can reach it.
+
+    The URL is written to ``<data_dir>/redis.url`` (mode 600) so that ``falgate keys`` and
     ``falgate usage`` reach the same server while the gateway runs.
     """
 
@@ -79,9 +90,19 @@ class EmbeddedRedis:
         self.password = secrets.token_urlsafe(24)
         self.persist = persist
         self.process: subprocess.Popen[bytes] | None = None
+        socket_path = self.data_dir / "redis.sock"
+        fits = len(os.fsencode(socket_path)) <= _MAX_SOCKET_PATH
+        self.socket_path: Path | None = socket_path if fits else None
 
     @property
     def url(self) -> str:
+        """The Unix socket's URL when there is one, else :attr:`tcp_url`."""
+        if self.socket_path is None:
+            return self.tcp_url
+        return f"unix://{self.socket_path}?db=0&password={self.password}"
+
+    @property
+    def tcp_url(self) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     @property
@@ -90,6 +111,21 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> str:
         private_dir(self.data_dir)
+        if not self._launch(timeout_s) and self.socket_path is not None:
+            # A data directory on a file system without sockets (some network and VM shares):
+            # loopback TCP only.
+            log.warning("redis-server could not open %s; using loopback TCP", self.socket_path)
+            self.socket_path = None
+            self._launch(timeout_s)
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited; see {self.data_dir / 'redis.log'}")
+        fd = os.open(self.url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.url)
+        return self.url
+
+    def _launch(self, timeout_s: float) -> bool:
+        """Start redis-server and wait until :attr:`url` answers; False if it exited."""
         args = [
             redis_server_binary(),
             "--bind", "127.0.0.1",
@@ -103,6 +139,8 @@ class EmbeddedRedis:
             "--loglevel", "warning",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
+        if self.socket_path is not None:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         self.process = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -113,23 +151,16 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited; see {self.data_dir / 'redis.log'}")
+                return False
             try:
-                probe = redis.Redis(
-                    host="127.0.0.1", port=self.port, password=self.password, socket_timeout=0.5
-                )
+                probe = redis.Redis.from_url(self.url, socket_timeout=0.5)
                 with contextlib.closing(probe):
                     if probe.ping():
-                        break
+                        return True
             except (redis.exceptions.RedisError, OSError):
                 time.sleep(0.05)
-        else:
-            self.stop()
-            raise RuntimeError("redis-server did not start in time")
-        fd = os.open(self.url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.url)
-        return self.url
+        self.stop()
+        raise RuntimeError("redis-server did not start in time")
 
     def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):

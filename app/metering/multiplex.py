@@ -10,8 +10,8 @@ they come (the commands of one event-loop turn in one write) and replies, which 
 order, are matched to their callers in order. Parsing is hiredis's, errors are redis-py's
 classes, so callers cannot tell the two apart.
 
-Only for a single Redis over TCP without TLS; every other form (cluster, sentinel, TLS, Unix
-socket) keeps redis-py (:func:`scripts_client`).
+Only for a single Redis over TCP without TLS or over a Unix socket (the embedded Redis's
+default); every other form (cluster, sentinel, TLS) keeps redis-py (:func:`scripts_client`).
 """
 
 from __future__ import annotations
@@ -147,13 +147,14 @@ class MultiplexedConnection:
         host: str,
         port: int,
         *,
+        path: str | None = None,
         username: str | None,
         password: str | None,
         db: int,
         connect_timeout_s: float,
         reply_timeout_s: float,
     ) -> None:
-        self.host, self.port = host, port
+        self.host, self.port, self.path = host, port, path
         self._hello: list[tuple[_ARGS, ...]] = []
         if password:
             self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
@@ -194,14 +195,20 @@ class MultiplexedConnection:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        reply_timeout_s = self.reply_timeout_s
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, protocol = await loop.create_connection(
-                    lambda: _Protocol(self.reply_timeout_s), self.host, self.port
-                )
+                if self.path is not None:
+                    _, protocol = await loop.create_unix_connection(
+                        lambda: _Protocol(reply_timeout_s), self.path
+                    )
+                else:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(reply_timeout_s), self.host, self.port
+                    )
         except (OSError, TimeoutError) as exc:
             raise redis.exceptions.ConnectionError(
-                f"Error connecting to {self.host}:{self.port}: {exc}"
+                f"Error connecting to {self.path or f'{self.host}:{self.port}'}: {exc}"
             ) from exc
         try:
             assert protocol.transport is not None
@@ -224,19 +231,21 @@ class MultiplexedConnection:
 
 def scripts_client(client: Any, settings: Settings) -> ScriptClient:
     """The client the request path runs its scripts on: a :class:`MultiplexedConnection` to
-    the same server as ``client`` when that is a single Redis over plain TCP (and
-    ``FALGATE_REDIS_MULTIPLEX`` is on), else ``client`` itself."""
+    the same server as ``client`` when that is a single Redis over plain TCP or a Unix socket
+    (and ``FALGATE_REDIS_MULTIPLEX`` is on), else ``client`` itself."""
     if not settings.redis_multiplex or type(client) is not aioredis.Redis:
         return cast(ScriptClient, client)
     pool = client.connection_pool
     if type(pool) not in (aioredis.ConnectionPool, aioredis.BlockingConnectionPool):
         return cast(ScriptClient, client)  # a sentinel's pool
-    if pool.connection_class is not aioredis.Connection:
-        return cast(ScriptClient, client)  # TLS or a Unix socket
+    unix = pool.connection_class is aioredis.UnixDomainSocketConnection
+    if pool.connection_class is not aioredis.Connection and not unix:
+        return cast(ScriptClient, client)  # TLS
     kwargs = pool.connection_kwargs
     return MultiplexedConnection(
         kwargs.get("host", "localhost"),
         int(kwargs.get("port", 6379)),
+        path=str(kwargs["path"]) if unix else None,
         username=kwargs.get("username"),
         password=kwargs.get("password"),
         db=int(kwargs.get("db", 0) or 0),

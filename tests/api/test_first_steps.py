@@ -235,6 +235,9 @@ def test_every_data_dir_file_is_private(served: Served) -> None:
         else:
             assert mode & 0o077 == 0, (path, oct(mode))
     assert {"appendonly.aof", "redis.log", "admin_token", "dev_key", "redis.url"} <= names
+    # The embedded Redis is reached over its socket (mode 700, checked above with the files).
+    assert "redis.sock" in names
+    assert (data_dir / "redis.url").read_text().startswith("unix://")
     assert any(n.endswith(".jpg") for n in names), names
 
 

@@ -24,10 +24,14 @@ from app.redis import EmbeddedRedis
 from app.settings import Settings
 
 
-def _connection(server: EmbeddedRedis, *, password: str | None = None) -> MultiplexedConnection:
+def _connection(
+    server: EmbeddedRedis, *, password: str | None = None, over: str = "tcp"
+) -> MultiplexedConnection:
+    """Over loopback TCP, or over the embedded server's Unix socket (``over="unix"``)."""
     return MultiplexedConnection(
         "127.0.0.1",
         server.port,
+        path=str(server.socket_path) if over == "unix" else None,
         username=None,
         password=server.password if password is None else password,
         db=0,
@@ -44,9 +48,12 @@ def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     own.stop()
 
 
-@pytest.fixture
-async def conn(server: EmbeddedRedis) -> AsyncIterator[MultiplexedConnection]:
-    connection = _connection(server)
+@pytest.fixture(params=["tcp", "unix"])
+async def conn(
+    server: EmbeddedRedis, request: pytest.FixtureRequest
+) -> AsyncIterator[MultiplexedConnection]:
+    assert server.socket_path is not None
+    connection = _connection(server, over=request.param)
     yield connection
     await connection.aclose()
 
@@ -88,8 +95,9 @@ async def test_errors_are_redis_py_classes(conn: MultiplexedConnection) -> None:
     assert await conn.execute("PING") == "PONG"  # the connection is still in step
 
 
-async def test_a_wrong_password_is_a_connection_error(server: EmbeddedRedis) -> None:
-    wrong = _connection(server, password="not-the-password")
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_a_wrong_password_is_a_connection_error(server: EmbeddedRedis, over: str) -> None:
+    wrong = _connection(server, password="not-the-password", over=over)
     try:
         with pytest.raises(redis.exceptions.ConnectionError):
             await wrong.execute("PING")
@@ -118,10 +126,13 @@ async def test_a_stalled_redis_times_out_then_the_connection_recovers(
     assert await conn.execute("PING") == "PONG"  # a new connection, no new client
 
 
-async def test_a_killed_and_restarted_redis_fails_fast_then_works(tmp_path: Path) -> None:
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_a_killed_and_restarted_redis_fails_fast_then_works(
+    tmp_path: Path, over: str
+) -> None:
     server = EmbeddedRedis(tmp_path / "restart", persist=False)
     server.start()
-    conn = _connection(server)
+    conn = _connection(server, over=over)
     try:
         await conn.execute("SET", "a", "1")
         assert server.process is not None
@@ -138,19 +149,20 @@ async def test_a_killed_and_restarted_redis_fails_fast_then_works(tmp_path: Path
         server.stop()
 
 
-async def test_only_a_plain_tcp_single_server_is_multiplexed(
+async def test_only_a_single_server_over_plain_tcp_or_a_unix_socket_is_multiplexed(
     server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     settings = Settings(data_dir=tmp_path)
-    plain = aioredis.Redis.from_url(server.url)
-    unix = aioredis.Redis.from_url("unix:///tmp/nowhere.sock")
-    tls = aioredis.Redis.from_url(server.url.replace("redis://", "rediss://"))
+    plain = aioredis.Redis.from_url(server.tcp_url)
+    unix = aioredis.Redis.from_url(server.url)
+    tls = aioredis.Redis.from_url(server.tcp_url.replace("redis://", "rediss://"))
     try:
-        chosen = scripts_client(plain, settings)
-        assert isinstance(chosen, MultiplexedConnection)
-        assert await chosen.execute("PING") == "PONG"  # the URL's password and port
-        await chosen.aclose()
-        assert scripts_client(unix, settings) is unix
+        for client, path in ((plain, None), (unix, str(server.socket_path))):
+            chosen = scripts_client(client, settings)
+            assert isinstance(chosen, MultiplexedConnection)
+            assert chosen.path == path
+            assert await chosen.execute("PING") == "PONG"  # the URL's password, port or path
+            await chosen.aclose()
         assert scripts_client(tls, settings) is tls
         off = Settings(data_dir=tmp_path, redis_multiplex=False)
         assert scripts_client(plain, off) is plain
