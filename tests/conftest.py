@@ -18,11 +18,23 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from app.redis import EmbeddedRedis, free_port
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def redis_answers(redis_url: str) -> bool:
+    """Whether a Redis server answers at ``redis_url`` (TCP or Unix socket) right now."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 30) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,7 @@ from pathlib import Path
 import httpx
 
 from app.redis import free_port
-from tests.conftest import _wait_http
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+from tests.conftest import _wait_http, redis_answers
 
 
 def test_serve_with_embedded_defaults(tmp_path: Path) -> None:
@@ -47,8 +40,9 @@ def test_serve_with_embedded_defaults(tmp_path: Path) -> None:
         assert admin_token in output and dev_key in output
         assert re.fullmatch(r"fgk_[A-Za-z0-9_-]{43}", dev_key)
         assert (data_dir / "admin_token").stat().st_mode & 0o077 == 0
-        redis_port = int((data_dir / "redis.url").read_text().rsplit(":", 1)[1].split("/")[0])
-        assert _port_open(redis_port)
+        redis_url = (data_dir / "redis.url").read_text()
+        assert redis_url.startswith(f"unix://{data_dir.resolve()}/redis.sock?")  # its socket
+        assert redis_answers(redis_url)
         assert httpx.get(f"{url}/readyz").status_code == 200
 
         headers = {"Authorization": f"Bearer {dev_key}"}
@@ -65,9 +59,9 @@ def test_serve_with_embedded_defaults(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     deadline = time.monotonic() + 10
-    while _port_open(redis_port) and time.monotonic() < deadline:
+    while redis_answers(redis_url) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _port_open(redis_port), "the private Redis server outlived the gateway"
+    assert not redis_answers(redis_url), "the private Redis server outlived the gateway"
     assert (tmp_path / ".falgate" / "appendonly.aof").exists() or any(
         (tmp_path / ".falgate").glob("appendonly*")
     )

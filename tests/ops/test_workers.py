@@ -27,7 +27,7 @@ import redis
 
 from app.metering import keyspace
 from app.redis import free_port
-from tests.conftest import ROOT, _wait_http
+from tests.conftest import ROOT, _wait_http, redis_answers
 
 # 512 x 512 px at 0.015 USD/MP -> ceil(3932.16) micro-dollars
 SQUARE_COST = 3_933
@@ -189,8 +189,7 @@ def test_sigterm_stops_workers_sandbox_and_redis(served: Served) -> None:
     workers = [int(p) for p in re.findall(r"Started server process \[(\d+)\]", output)]
     sandbox_port = int(re.findall(r"built-in fal emulator at http://[\d.]+:(\d+)", output)[0])
     redis_url = (served.data_dir / "redis.url").read_text()
-    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    assert _port_open(redis_port) and _port_open(sandbox_port)
+    assert redis_answers(redis_url) and _port_open(sandbox_port)
 
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(timeout=60) == 0
@@ -198,4 +197,4 @@ def test_sigterm_stops_workers_sandbox_and_redis(served: Served) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not _port_open(sandbox_port)
-    assert not _port_open(redis_port), "the private Redis server outlived the gateway"
+    assert not redis_answers(redis_url), "the private Redis server outlived the gateway"
