@@ -104,6 +104,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         latency_ms=args.latency_ms,
+        access_log=not args.no_access_log,
     )
     return 0
 
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--ssl-certfile")
     sandbox.add_argument("--ssl-keyfile")
     sandbox.add_argument("--latency-ms", type=int, default=None)
+    sandbox.add_argument(
+        "--no-access-log", action="store_true", help="no log line per request (benchmarks)"
+    )
     sandbox.set_defaults(func=_sandbox)
 
     keys = sub.add_parser("keys", help="manage gateway keys")

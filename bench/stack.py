@@ -128,11 +128,8 @@ def falgate_command() -> list[str]:
 
 def start_sandbox(workdir: Path) -> Service:
     port = free_port()
-    proc, log = _spawn(
-        "sandbox",
-        [*falgate_command(), "sandbox", "--port", str(port), "--latency-ms", "0"],
-        workdir,
-    )
+    options = ["--port", str(port), "--latency-ms", "0", "--no-access-log"]
+    proc, log = _spawn("sandbox", [*falgate_command(), "sandbox", *options], workdir)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/_sandbox/config", proc, log)
     # No generation time, and a small image store: the sandbox answers as fast as it can and

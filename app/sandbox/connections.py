@@ -10,13 +10,16 @@ import asyncio
 from collections.abc import MutableMapping
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 _TRANSPORTS: dict[tuple[Any, Any], asyncio.BaseTransport] = {}
 
 
-class SandboxHTTPProtocol(H11Protocol):
-    """uvicorn's h11 protocol, plus a registry of open transports for the ``drop`` fault."""
+class SandboxHTTPProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus a registry of open transports for the ``drop`` fault.
+
+    httptools (a C parser) rather than h11: the sandbox stands in for a remote service, so on a
+    machine it shares with a gateway its CPU should stay small next to the gateway's."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -37,6 +37,7 @@ def run_sandbox(
     latency_ms: int | None = None,
     config: SandboxConfig | None = None,
     log_level: str = "info",
+    access_log: bool = True,
 ) -> None:
     """Serve the fal emulator until interrupted (``falgate sandbox``). Blocks.
 
@@ -59,6 +60,7 @@ def run_sandbox(
         ssl_keyfile_password=ssl_keyfile_password,
         http=SandboxHTTPProtocol,
         log_level=log_level,
+        access_log=access_log,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,6 +12,8 @@ import pytest
 from PIL import Image
 
 from app.sandbox import SandboxConfig, SandboxControl, create_sandbox_app, serve_app
+from app.sandbox.render import render_image, render_small
+from tests.conftest import _stop, start_sandbox
 
 
 async def _image(fal: httpx.AsyncClient, url: str) -> Image.Image:
@@ -195,3 +198,61 @@ async def test_files_are_evicted_least_recently_used(
     assert (await fal.get(urls[0])).status_code == 404
     assert (await fal.get(urls[-1])).status_code == 200
     assert (await fal.get("/files/nope.png")).status_code == 404
+
+
+def test_small_pictures_are_drawn_once_and_stay_the_same() -> None:
+    render_small.cache_clear()
+
+    def small(seed: int = 99, width: int = 64, height: int = 48) -> bytes:
+        return render_small(
+            seed=seed, prompt="a fox", index=0, width=width, height=height, image_format="png"
+        )
+
+    first = small()
+    assert small() == first
+    assert render_small.cache_info().hits == 1
+    drawn = render_image(seed=99, prompt="a fox", index=0, width=64, height=48, image_format="png")
+    assert first == drawn
+    other = small(seed=100)
+    assert other != first
+    image = Image.open(io.BytesIO(other))
+    assert (image.size, image.format) == ((64, 48), "PNG")
+    with pytest.raises(ValueError, match="not a small picture"):
+        small(width=257, height=256)
+
+
+async def test_small_and_large_pictures_through_the_app(fal: httpx.AsyncClient) -> None:
+    """Small pictures come from the remembered drawings, large ones are drawn in a thread:
+    both are what was asked for, and a repeat of a small one is the same file."""
+    render_small.cache_clear()
+    small = {"prompt": "a fox", "seed": 5, "image_size": {"width": 256, "height": 256}}
+    urls = [(await fal.post("/fal-ai/flux/dev", json=small)).json()["images"][0]["url"]]
+    urls.append((await fal.post("/fal-ai/flux/dev", json=small)).json()["images"][0]["url"])
+    assert render_small.cache_info().hits == 1
+    assert urls[0] != urls[1]
+    assert (await fal.get(urls[0])).content == (await fal.get(urls[1])).content
+    large = {**small, "image_size": {"width": 257, "height": 256}}
+    [meta] = (await fal.post("/fal-ai/flux/dev", json=large)).json()["images"]
+    assert (await _image(fal, meta["url"])).size == (257, 256)
+    assert render_small.cache_info().currsize == 1
+
+
+def test_the_standalone_sandbox_can_leave_out_its_access_log(tmp_path: Path) -> None:
+    logs = {}
+    for name, args in (("default", ()), ("quiet", ("--no-access-log",))):
+        box = start_sandbox(tmp_path, *args)
+        try:
+            answer = httpx.post(
+                f"{box.url}/fal-ai/flux/dev",
+                json={"prompt": "x"},
+                headers={"Authorization": "Key sandbox"},
+                timeout=30,
+            )
+            assert answer.status_code == 200
+        finally:
+            _stop(box.proc)
+        port = box.url.rsplit(":", 1)[1]
+        logs[name] = (tmp_path / f"sandbox-{port}.log").read_text()
+    assert '"POST /fal-ai/flux/dev HTTP/1.1" 200' in logs["default"]
+    assert "POST /fal-ai/flux/dev" not in logs["quiet"]
+    assert "Uvicorn running" in logs["quiet"]
