@@ -355,11 +355,15 @@ class Sandbox:
             seen = (str(body["status"]), body.get("queue_position"))
             if seen != last:
                 last = seen
-                yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                yield self.status_event(body)
             if job.state == "COMPLETED":
                 return
             if not await job.wait_change(_STREAM_KEEPALIVE_S):
                 yield b": keep-alive\n\n"
+
+    @staticmethod
+    def status_event(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
 
     def status_body(self, job: Job, with_logs: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -491,10 +495,16 @@ def create_sandbox_app(
         if isinstance(asked, Response):
             return asked
         job, with_logs = asked
+        headers = {"x-fal-request-id": job.request_id, "cache-control": "no-cache"}
+        if job.state == "COMPLETED":
+            # The whole stream is its one last event: sent as one body, without the streaming
+            # machinery (a task group per response).
+            event = sandbox.status_event(sandbox.status_body(job, with_logs))
+            return Response(event, media_type="text/event-stream", headers=headers)
         return StreamingResponse(
             sandbox.status_events(job, with_logs),
             media_type="text/event-stream",
-            headers={"x-fal-request-id": job.request_id, "cache-control": "no-cache"},
+            headers=headers,
         )
 
     @app.get("/queue/{owner_app:path}/requests/{request_id}/status")

@@ -59,6 +59,12 @@ async def test_stream_of_a_finished_job_is_one_event(fal: httpx.AsyncClient) -> 
     url = ran.json()["status_url"]
     await _events(fal, url + "/stream")  # until it is done
     assert [e["status"] for e in await _events(fal, url + "/stream")] == ["COMPLETED"]
+    [done] = await _events(fal, url + "/stream", logs="1")
+    assert done["status"] == "COMPLETED" and done["logs"] and done["metrics"]
+    again = await fal.get(url + "/stream")
+    assert again.headers["x-fal-request-id"] == ran.json()["request_id"]
+    assert again.headers["cache-control"] == "no-cache"
+    assert again.text == f"data: {again.text.removeprefix('data: ').strip()}\n\n"
 
 
 async def test_stream_of_an_unknown_request_is_404(fal: httpx.AsyncClient) -> None:
