@@ -409,7 +409,7 @@ def reconcile(ledger: dict[str, Any], ok: int, failed: int, cut_off: int) -> dic
 
 
 def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The goals of issue 7, each with what was measured and whether it was met."""
+    """The goals of issues 7 and 15, each with what was measured and whether it was met."""
     rows: list[dict[str, Any]] = []
     comparisons = result["comparisons"]
     low = comparisons.get("1", {}).get("gateway-sync")
@@ -430,16 +430,20 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": low["added_p99_ms"] <= 5.0,
             }
         )
-    high = comparisons.get("64", {}).get("gateway-sync")
-    if high and high["throughput_vs_passthrough"] is not None:
-        rows.append(
-            {
-                "name": "throughput vs pass-through, concurrency 64 (sync)",
-                "goal": "≥ 60 %",
-                "measured": f"{high['throughput_vs_passthrough']:.0%}",
-                "met": high["throughput_vs_passthrough"] >= 0.6,
-            }
-        )
+    for mode in ("sync", "queue"):
+        # Issue 7 asked for 60 %; issue 15 for 90 % (the queue gateway against the queue
+        # pass-through): the stricter goal is the one checked.
+        high = comparisons.get("64", {}).get(f"gateway-{mode}")
+        if high and high["throughput_vs_passthrough"] is not None:
+            against = high.get("passthrough_baseline", PASSTHROUGH)
+            rows.append(
+                {
+                    "name": f"throughput vs {against}, concurrency 64 ({mode})",
+                    "goal": "≥ 90 %",
+                    "measured": f"{high['throughput_vs_passthrough']:.0%}",
+                    "met": high["throughput_vs_passthrough"] >= 0.9,
+                }
+            )
     for conc, per_target in comparisons.items():
         for target, cmp in per_target.items():
             own = cmp.get("cpu_over_passthrough_ms")

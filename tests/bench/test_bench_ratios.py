@@ -77,6 +77,9 @@ def test_ratios_against_the_peer_and_one_worker_are_per_run_medians() -> None:
     assert (targets[on_stub]["measured"], targets[on_stub]["met"]) == ("1.70x", True)
     assert targets["falgate's own CPU per request, concurrency 64 (gateway-sync)"]["met"] is False
     assert not any("gateway-sync-stub" in name and "litellm" in name for name in targets)
+    # Issue 15's 90 % (issue 7 asked for 60 %): 300 of the pass-through's 400 req/s is missed.
+    share = targets["throughput vs passthrough, concurrency 64 (sync)"]
+    assert (share["goal"], share["measured"], share["met"]) == ("≥ 90 %", "75%", False)
 
     lines = report._relative(result)
     assert "| 64 | gateway-sync | 3.00x | 0.24x | - | 1.50x | 0.80x |" in lines
