@@ -32,6 +32,7 @@ the pool; httpx still decodes ``Content-Encoding`` (aiohttp's own decompression 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.cookiejar
 import ssl
 from collections.abc import Iterator
@@ -72,6 +73,15 @@ def _translated() -> Iterator[None]:
         raise mapped from exc
 
 
+@functools.lru_cache(maxsize=64)
+def _client_timeout(
+    connect: float | None, pool: float | None, read: float | None
+) -> aiohttp.ClientTimeout:
+    """httpx's timeouts as aiohttp's (one object per distinct set: a client uses one or two)."""
+    acquire = None if connect is None or pool is None else connect + pool
+    return aiohttp.ClientTimeout(total=None, connect=acquire, sock_connect=connect, sock_read=read)
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncClient(transport=AiohttpTransport(limits=...))``; one aiohttp session,
     opened on first use inside the running event loop and closed by ``aclose()``."""
@@ -105,8 +115,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is None or self._session.closed:
             self._session = self._open()
         timeout: dict[str, float | None] = request.extensions.get("timeout", {})
-        connect, pool = timeout.get("connect"), timeout.get("pool")
-        acquire = None if connect is None or pool is None else connect + pool
         with _translated():
             async with self._session.request(
                 request.method,
@@ -115,8 +123,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=await request.aread() or None,
                 allow_redirects=False,
                 compress=None,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=acquire, sock_connect=connect, sock_read=timeout.get("read")
+                timeout=_client_timeout(
+                    timeout.get("connect"), timeout.get("pool"), timeout.get("read")
                 ),
             ) as response:
                 content = await response.read()
