@@ -439,41 +439,98 @@ async def _execute(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> O
         return await _forward(job, admission, path)
 
 
+class _Attachment:
+    """fal's request id, recorded on the hold while fal works (``FalClient.run``'s
+    ``on_submitted``).
+
+    The command leaves the moment fal accepted the job, as before, so a crash while fal works
+    is still billed from fal's answer; but the request goes on following the job instead of
+    waiting a Redis round trip for the reply (issue 15). A reply that the hold is gone (the
+    resolver released it: its lease ran out before fal accepted the job) interrupts the
+    following, and fal is told to cancel, as when the reply was awaited first.
+    """
+
+    def __init__(self, meter: Meter, admission: Admission) -> None:
+        self._meter, self._admission = meter, admission
+        self.fal_request_id: str | None = None
+        self._recording: asyncio.Task[bool] | None = None
+        self._following: asyncio.Task[Any] | None = None
+        self._interrupted = False
+
+    async def on_submitted(self, fal_request_id: str) -> None:
+        self.fal_request_id = fal_request_id
+        self._following = asyncio.current_task()
+        self._recording = asyncio.ensure_future(
+            self._meter.attach_upstream(self._admission, fal_request_id)
+        )
+        self._recording.add_done_callback(self._replied)
+
+    def _replied(self, recording: asyncio.Task[bool]) -> None:
+        if recording.cancelled() or recording.exception() is not None or recording.result():
+            return
+        if self._following is not None:  # the hold is gone: stop following a job nobody bills
+            self._interrupted = True
+            self._following.cancel()
+
+    def stop_following(self) -> None:
+        self._following = None
+
+    def interrupted(self) -> bool:
+        """True (and the cancellation taken back) if the reply cancelled the following."""
+        if not self._interrupted:
+            return False
+        self._interrupted = False
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        return True
+
+    async def recorded(self) -> bool:
+        """Wait for the reply: False if the hold was gone (nothing can bill the job). A failed
+        write counts as recorded: the hold is still there, and the settle or the hand-off to
+        the resolver carries fal's id too."""
+        if self._recording is None:
+            return True
+        try:
+            return await asyncio.shield(self._recording)
+        except Exception as exc:  # Unavailable, or a reply the meter did not expect
+            log.warning("could not record fal's request id %s: %s", self.fal_request_id, exc)
+            return True
+
+
 async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
     request_id = admission.request_id
-    accepted: list[str] = []  # fal's request id, once fal accepted the job
-
-    async def on_submitted(fal_request_id: str) -> None:
-        accepted.append(fal_request_id)
-        try:
-            attached = await path.meter.attach_upstream(admission, fal_request_id)
-        except Unavailable:
-            # fal has the job and the hold is in place: carry on; the id is recorded when the
-            # hold is settled or marked unresolved.
-            log.warning("could not record fal's request id %s", fal_request_id)
-            return
-        if not attached:
-            # The resolver released this hold (its lease ran out before fal accepted the
-            # job): nothing could bill the job, so the fal client cancels it.
-            accepted.clear()
-            raise UpstreamError("The request's hold expired before fal accepted it.")
-
+    attachment = _Attachment(path.meter, admission)
     try:
-        result: UpstreamResult = await path.fal.run(job.call, on_submitted=on_submitted)
+        try:
+            result: UpstreamResult = await path.fal.run(
+                job.call, on_submitted=attachment.on_submitted
+            )
+        except asyncio.CancelledError:
+            if not attachment.interrupted():
+                raise
+        finally:
+            attachment.stop_following()
+        if not await attachment.recorded():
+            attachment.fal_request_id = None  # nothing holds money for it: release, not hand off
+            raise UpstreamError("The request's hold expired before fal accepted it.")
     except BaseException as exc:
         # Shielded and counted in flight, so that neither a client hanging up nor a shutdown
         # cuts the bookkeeping short.
-        if not accepted:
+        accepted = attachment.fal_request_id
+        if accepted is not None and not await path.inflight.shield(attachment.recorded()):
+            accepted = None
+        if accepted is None:
             reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else "failed"
             await path.inflight.shield(_release_all(path, admission, reason))
             raise
-        await path.inflight.shield(_give_up(path, admission, accepted[0]))
+        await path.inflight.shield(_give_up(path, admission, accepted))
         if isinstance(exc, FalgateError):
             raise _accepted(exc, request_id) from exc
         raise
     images = filled_images(job, result)
     seed = result.seed if result.seed is not None else job.seed
-    upstream_id = result.request_id or (accepted[0] if accepted else None)
+    upstream_id = result.request_id or attachment.fal_request_id
     settlement = await path.inflight.shield(
         _settle_and_free(path, admission, actual_price(job, images), images, seed, upstream_id)
     )

@@ -4,13 +4,18 @@ released at once), and what fal made when it did (the resolver asks fal, SPEC se
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from app.metering import keyspace
+from app.metering.meter import Meter
+from app.settings import Settings
 from tests.conftest import Gateway, GatewayFactory, Sandbox
 from tests.money import micro, produced_cost, quiet_usage
 
@@ -207,3 +212,51 @@ def test_real_fal_key_without_admin_token_refuses_to_start(tmp_path: Any) -> Non
     assert result.returncode != 0
     assert "FALGATE_ADMIN_TOKEN" in result.stderr
     assert "DO-NOT-LEAK" not in result.stderr + result.stdout
+
+
+def test_a_hold_gone_when_fal_accepts_the_job_cancels_the_job(
+    faulty: Gateway, clean_sandbox: Sandbox, redis_url: str
+) -> None:
+    """fal's request id is recorded on the hold while the gateway already follows the job
+    (issue 15). If the reply is that the hold is gone (here released by hand, as the resolver
+    releases one whose lease ran out while fal was slow to accept the job), nothing can bill
+    the job: the gateway stops following it at once, fal is told to cancel, and the client
+    gets a 502 with nothing charged."""
+    key_id, key = faulty.create_key(name="stale", budget_usd="10")
+    clean_sandbox.configure(
+        latency_ms=5000,  # still generating when the reply comes: a cancel is what ends it
+        faults=[{"kind": "delay", "scope": "submit", "delay_ms": 800, "count": 1}],
+    )
+    store = redis.Redis.from_url(redis_url, decode_responses=True)
+    release = Meter(store, Settings(), "proc_test").release_id_call
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        with faulty.client(key) as client:
+            answers.append(client.post("/v1/generate", json={"prompt": "x"}))
+
+    caller = threading.Thread(target=call)
+    started = time.monotonic()
+    caller.start()
+    held: list[str] = []
+    while not held and time.monotonic() < started + 10:
+        held = [str(field) for field in store.hkeys(keyspace.holds(key_id))]
+        time.sleep(0.02)
+    assert len(held) == 1 and not clean_sandbox.requests()  # held, fal not there yet
+    script = release(key_id, held[0], "lease_expired")
+    keys, args = script.keys, script.args
+    sha = store.script_load(script.script.source)
+    assert store.evalsha(sha, len(keys), *keys, *args)[0] == "ok"
+    caller.join(timeout=30)
+    [response] = answers
+    assert response.status_code == 502, response.text
+    assert "hold expired" in response.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and clean_sandbox.requests()[0]["status"] != "cancelled":
+        time.sleep(0.05)
+    [job] = clean_sandbox.requests()
+    assert job["status"] == "cancelled", job  # stopped, not followed to its end
+    assert produced_cost([job]) == 0
+    with faulty.client(key) as client:
+        usage = quiet_usage(client)
+    assert (usage["spent_usd"], usage["remaining_usd"]) == ("0.000000", "10.000000")
