@@ -119,3 +119,27 @@ def test_smoke_run_yields_a_complete_result(tmp_path: Path, tool: str) -> None:
         assert f"{own} (gateway-queue, vs the queue pass-through)" in target_names
     assert "| concurrency | target |" in proc.stdout  # the Markdown table was printed
     assert "| gateway-queue (vs passthrough-queue) |" in proc.stdout
+
+
+def test_the_upstream_client_benchmark_measures_every_way() -> None:
+    """``bench/upstream_client.py`` (per-call CPU by client layer, against the nginx stub):
+    a short run prints a row for each way, each a positive number of microseconds."""
+    if nginx_binary() is None:
+        pytest.fail("nginx is missing: the test command installs nginx-light")
+    script = ROOT / "bench" / "upstream_client.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--calls", "50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
+    assert [row[0].strip() for row in rows] == [
+        "httpx-client",
+        "httpx-client-url",
+        "transport",
+        "aiohttp",
+    ]
+    assert all(float(row[1]) > 0 for row in rows)
+    assert rows[-1][2].strip() == "+0"  # the floor, against itself
