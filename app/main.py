@@ -39,6 +39,7 @@ from app.openapi import contract_document
 from app.ops.docs import add_docs
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
+from app.ops.memory import settled, unsettled
 from app.ops.metrics import mark_process_dead, metrics_of
 from app.ops.shutdown import InflightTracker
 from app.ops.workers import is_worker
@@ -259,6 +260,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.sandbox_mode and not is_worker():  # a worker's parent already did this
             await sandbox_welcome(settings, keys, app.state.admin_token)
         stack.callback(mark_process_dead)
+        stack.callback(unsettled, settled())  # start-up's objects out of the collector's way
         yield
         await app.state.inflight.drain(settings.shutdown_grace_s)
 

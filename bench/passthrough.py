@@ -32,6 +32,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
+from app.ops.memory import settled, unsettled
 from app.upstream.transport import AiohttpTransport, CookielessAsyncClient
 
 MODES = ("sync", "queue")
@@ -61,7 +62,13 @@ def create_passthrough_app(
             limits=limits,
         ) as client:
             app.state.client = client
-            yield
+            # The gateway's own collector settings (app/ops/memory.py), so that what is left
+            # over in "own CPU" is falgate's work and not a difference in process tuning.
+            thresholds = settled()
+            try:
+                yield
+            finally:
+                unsettled(thresholds)
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from decimal import Decimal
+from pathlib import Path
 
 import redis.asyncio
 from redis._parsers.hiredis import _AsyncHiredisParser
 from starlette.responses import JSONResponse
 
 from app.fastjson import FastJSONResponse, dumps
+from app.main import create_app
 from app.ops.logging import JsonFormatter
+from app.ops.memory import YOUNG_THRESHOLD, settled, unsettled
 from app.redis import redis_client
 from app.settings import Settings
+from tests.conftest import Sandbox
 
 
 async def test_the_gateway_redis_client_parses_replies_with_hiredis(redis_url: str) -> None:
@@ -62,3 +67,35 @@ def test_log_lines_are_json_with_extras_and_secrets_blanked() -> None:
     assert data["amount"] == "1.25"
     assert data["key"] == "fgk_[redacted]"
     assert (data["level"], data["logger"]) == ("info", "falgate")
+
+
+def test_settled_freezes_the_heap_and_unsettled_gives_it_back() -> None:
+    before = gc.get_threshold()
+    thresholds = settled()
+    try:
+        assert thresholds == before
+        assert gc.get_freeze_count() > 1000  # at least this test process's modules
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, before[1], before[2])
+    finally:
+        unsettled(thresholds)
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
+
+
+async def test_a_serving_gateway_keeps_its_start_up_heap_out_of_the_collector(
+    redis_url: str, sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The lifespan settles the heap once everything is built, and unsettles it on the way out."""
+    before = gc.get_threshold()
+    settings = Settings(
+        redis_url=redis_url,
+        sandbox_url=sandbox.url,
+        data_dir=tmp_path,
+        ledger_drain_interval_s=0,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        assert gc.get_freeze_count() > 1000
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == before
