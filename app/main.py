@@ -39,8 +39,8 @@ from app.openapi import contract_document
 from app.ops.docs import add_docs
 from app.ops.health import router as health_router
 from app.ops.logging import RequestContextMiddleware
-from app.ops.memory import settled, unsettled
 from app.ops.metrics import mark_process_dead, metrics_of
+from app.ops.runtime import fastapi_telemetry, settled, unsettled
 from app.ops.shutdown import InflightTracker
 from app.ops.workers import is_worker
 from app.ratelimit.upstream_gate import UpstreamGate
@@ -278,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        **fastapi_telemetry(),
         docs_url=None,  # served by app.ops.docs from packaged assets (works offline)
         redoc_url=None,
         openapi_tags=[

@@ -32,7 +32,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from app.ops.memory import settled, unsettled
+from app.ops.runtime import fastapi_telemetry, settled, unsettled
 from app.upstream.transport import AiohttpTransport, CookielessAsyncClient
 
 MODES = ("sync", "queue")
@@ -70,7 +70,13 @@ def create_passthrough_app(
             finally:
                 unsettled(thresholds)
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        **fastapi_telemetry(),  # as the gateway's
+    )
 
     async def run(model_id: str, request: Request) -> Response:
         client: httpx.AsyncClient = request.app.state.client

@@ -8,6 +8,7 @@ import logging
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 import redis.asyncio
 from redis._parsers.hiredis import _AsyncHiredisParser
 from starlette.responses import JSONResponse
@@ -15,7 +16,7 @@ from starlette.responses import JSONResponse
 from app.fastjson import FastJSONResponse, dumps
 from app.main import create_app
 from app.ops.logging import JsonFormatter
-from app.ops.memory import YOUNG_THRESHOLD, settled, unsettled
+from app.ops.runtime import YOUNG_THRESHOLD, fastapi_telemetry, settled, unsettled
 from app.redis import redis_client
 from app.settings import Settings
 from tests.conftest import Sandbox
@@ -99,3 +100,17 @@ async def test_a_serving_gateway_keeps_its_start_up_heap_out_of_the_collector(
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD
     assert gc.get_freeze_count() == 0
     assert gc.get_threshold() == before
+
+
+def test_fastapis_own_telemetry_is_off_unless_fastapi_is_asked_to_set_it_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
+    off = {"tracing": False, "metrics": False, "logs": False}
+    assert fastapi_telemetry() == {"telemetry": off}
+    app = create_app(Settings())
+    assert not app._native_telemetry.enabled()  # no per-request provider lookups
+    assert {name: app._telemetry[name] for name in off} == off  # type: ignore[literal-required]
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    assert fastapi_telemetry() == {}
+    assert create_app(Settings())._telemetry["tracing"] is True
