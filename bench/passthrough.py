@@ -1,7 +1,8 @@
 """The benchmark's baseline: a bare pass-through proxy on the gateway's own server stack.
 
-FastAPI on uvicorn (same event loop and HTTP parser as ``falgate serve``), one pooled
-``httpx.AsyncClient`` of the gateway's fal client's kind (no cookie jar) on the same HTTP
+FastAPI on uvicorn (same event loop and HTTP parser as ``falgate serve``), the gateway's fal
+client's HTTP client (``upstream_http``: httpx requests straight through the transport, or
+httpx's client without a cookie jar when the environment names a proxy) on the same pooled
 transport (``--transport``, default ``aiohttp``: ``app/upstream/transport.py``), and one route:
 ``POST /v1/run/{model_id}``, in one of two modes (``--mode``):
 
@@ -33,7 +34,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from app.ops.runtime import fastapi_telemetry, settled, unsettled
-from app.upstream.transport import AiohttpTransport, CookielessAsyncClient
+from app.upstream.transport import AiohttpTransport, UpstreamHTTP, upstream_http
 
 MODES = ("sync", "queue")
 _JSON = {"Content-Type": "application/json"}
@@ -54,21 +55,23 @@ def create_passthrough_app(
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections // 2
         )
-        async with CookielessAsyncClient(
-            transport=AiohttpTransport(limits=limits) if transport == "aiohttp" else None,
-            base_url=upstream.rstrip("/"),
+        # The gateway's upstream client (app/upstream/transport.py: httpx requests sent
+        # straight through the transport unless the environment names a proxy).
+        client = upstream_http(
+            AiohttpTransport(limits=limits) if transport == "aiohttp" else None,
             headers={"Authorization": "Key sandbox", "User-Agent": "passthrough"},
             timeout=httpx.Timeout(60.0, connect=5.0),
             limits=limits,
-        ) as client:
-            app.state.client = client
-            # The gateway's own collector settings (app/ops/memory.py), so that what is left
-            # over in "own CPU" is falgate's work and not a difference in process tuning.
-            thresholds = settled()
-            try:
-                yield
-            finally:
-                unsettled(thresholds)
+        )
+        app.state.client = client
+        # The gateway's own process settings (app/ops/runtime.py), so that what is left over
+        # in "own CPU" is falgate's work and not a difference in process tuning.
+        thresholds = settled()
+        try:
+            yield
+        finally:
+            unsettled(thresholds)
+            await client.aclose()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -78,39 +81,39 @@ def create_passthrough_app(
         **fastapi_telemetry(),  # as the gateway's
     )
 
+    base = upstream.rstrip("/")
+
     async def run(model_id: str, request: Request) -> Response:
-        client: httpx.AsyncClient = request.app.state.client
-        upstream_response = await client.post(
-            f"/{model_id}", content=await request.body(), headers=_JSON
+        client: UpstreamHTTP = request.app.state.client
+        upstream_response = await client.request(
+            "POST", f"{base}/{model_id}", content=await request.body(), headers=_JSON
         )
         return _as_is(upstream_response)
 
     async def run_queued(model_id: str, request: Request) -> Response:
-        client: httpx.AsyncClient = request.app.state.client
-        submitted = await client.post(
-            f"/queue/{model_id}", content=await request.body(), headers=_JSON
+        client: UpstreamHTTP = request.app.state.client
+        submitted = await client.request(
+            "POST", f"{base}/queue/{model_id}", content=await request.body(), headers=_JSON
         )
         if not 200 <= submitted.status_code < 300:
             return _as_is(submitted)
         job = submitted.json()
         # fal's stream sends an event per status change and ends after COMPLETED; it is read
-        # to its end (as the gateway reads it), which also hands the connection back to the
-        # pool instead of closing it mid-body.
+        # to its end, as the gateway reads it.
+        events = await client.request("GET", job["status_url"] + "/stream", headers=_SSE)
+        if events.status_code != 200:
+            return _as_is(events)
         status = None
-        async with client.stream("GET", job["status_url"] + "/stream", headers=_SSE) as events:
-            if events.status_code != 200:
-                await events.aread()
-                return _as_is(events)
-            async for line in events.aiter_lines():
-                if line.startswith("data:"):
-                    status = json.loads(line[5:]).get("status")
+        for line in events.text.splitlines():
+            if line.startswith("data:"):
+                status = json.loads(line[5:]).get("status")
         if status != "COMPLETED":
             return Response(
                 json.dumps({"detail": f"status stream ended at {status}"}),
                 status_code=502,
                 media_type="application/json",
             )
-        return _as_is(await client.get(job["response_url"]))
+        return _as_is(await client.request("GET", job["response_url"]))
 
     app.add_api_route(
         "/v1/run/{model_id:path}", run if mode == "sync" else run_queued, methods=["POST"]

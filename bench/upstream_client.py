@@ -9,6 +9,9 @@ time per call for three ways of making the same call:
   were parsed once;
 - ``httpx-client-url``: the same with a parsed ``httpx.URL`` (what ``FalClient`` does for run
   and submit URLs);
+- ``direct-client``: ``DirectClient`` (what ``FalClient`` uses since issue 15's sixth pass):
+  an ``httpx.Request`` with the client's default headers and timeouts, built per call and sent
+  straight through ``AiohttpTransport``;
 - ``transport``: ``AiohttpTransport.handle_async_request`` with a prepared ``httpx.Request``
   (the client's own layers left out);
 - ``aiohttp``: aiohttp's ``ClientSession`` alone (the floor).
@@ -39,7 +42,11 @@ if str(ROOT) not in sys.path:
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 
-from app.upstream.transport import AiohttpTransport, CookielessAsyncClient  # noqa: E402
+from app.upstream.transport import (  # noqa: E402
+    AiohttpTransport,
+    CookielessAsyncClient,
+    DirectClient,
+)
 from bench import stack  # noqa: E402
 
 BODY = json.dumps({"prompt": "a lighthouse", "image_size": {"width": 64, "height": 64}}).encode()
@@ -66,6 +73,11 @@ async def measure(url: str, rounds: int, calls: int) -> dict[str, list[float]]:
     async def httpx_client_url() -> bytes:
         return (await client.request("POST", parsed, content=BODY, headers=json_type)).content
 
+    direct = DirectClient(transport, headers=headers, timeout=httpx.Timeout(5.0))
+
+    async def direct_client() -> bytes:
+        return (await direct.request("POST", parsed, content=BODY, headers=json_type)).content
+
     async def bare_transport() -> bytes:
         request = httpx.Request(
             "POST", parsed, content=BODY, headers=prepared_headers, extensions={"timeout": timeouts}
@@ -80,6 +92,7 @@ async def measure(url: str, rounds: int, calls: int) -> dict[str, list[float]]:
     ways: dict[str, Call] = {
         "httpx-client": httpx_client,
         "httpx-client-url": httpx_client_url,
+        "direct-client": direct_client,
         "transport": bare_transport,
         "aiohttp": aiohttp_alone,
     }

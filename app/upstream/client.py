@@ -1,4 +1,5 @@
-"""fal's HTTP API, spoken over one pooled httpx client: queue protocol by default, sync optional.
+"""fal's HTTP API, spoken in httpx requests over one pooled transport: queue protocol by default,
+sync optional.
 
 Every failure leaves here as one of the gateway's own errors (SPEC section 6):
 
@@ -37,7 +38,7 @@ from app.errors import (
 )
 from app.ops.metrics import observe_upstream
 from app.settings import Settings
-from app.upstream.transport import AiohttpTransport, CookielessAsyncClient
+from app.upstream.transport import AiohttpTransport, UpstreamHTTP, upstream_http
 from app.upstream.types import (
     GeneratedImage,
     OnSubmitted,
@@ -213,7 +214,7 @@ class FalClient:
     ) -> None:
         self._settings = settings
         self._transport = transport
-        self._http: httpx.AsyncClient | None = None
+        self._http: UpstreamHTTP | None = None
         self._run_url = settings.fal_run_url.rstrip("/")
         self._queue_url = settings.fal_queue_url.rstrip("/")
 
@@ -238,7 +239,8 @@ class FalClient:
         if transport is None and s.upstream_transport == "aiohttp":
             # httpx stays the interface; aiohttp's pool and parser move the bytes (issue 15).
             transport = AiohttpTransport(limits=limits)
-        self._http = CookielessAsyncClient(
+        self._http = upstream_http(
+            transport,
             headers={"Authorization": f"Key {credentials}", "User-Agent": "falgate"},
             timeout=httpx.Timeout(
                 connect=s.upstream_connect_timeout_s,
@@ -247,8 +249,6 @@ class FalClient:
                 pool=s.upstream_connect_timeout_s,
             ),
             limits=limits,
-            follow_redirects=False,
-            transport=transport,
         )
 
     async def aclose(self) -> None:

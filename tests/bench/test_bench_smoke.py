@@ -138,6 +138,7 @@ def test_the_upstream_client_benchmark_measures_every_way() -> None:
     assert [row[0].strip() for row in rows] == [
         "httpx-client",
         "httpx-client-url",
+        "direct-client",
         "transport",
         "aiohttp",
     ]

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from app.errors import UpstreamError
 from app.sandbox import SandboxControl
 from app.upstream import UpstreamCall
-from app.upstream.transport import AiohttpTransport
+from app.upstream.transport import AiohttpTransport, DirectClient
+from tests.conftest import free_port
 from tests.upstream.conftest import MakeClient
 
 FLUX = "fal-ai/flux/dev"
@@ -67,5 +69,65 @@ async def test_both_transports_both_protocols(
     fal = await make_client(upstream_transport=transport, upstream_mode=mode)
     uses_aiohttp = isinstance(fal._http._transport, AiohttpTransport)  # type: ignore[union-attr]
     assert uses_aiohttp == (transport == "aiohttp")
+    result = await fal.run(CALL)
+    assert (result.images[0].width, result.images[0].height) == (512, 512)
+
+
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("mode", ["queue", "sync"])
+async def test_without_a_proxy_calls_go_straight_through_the_transport(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, transport: str, mode: str
+) -> None:
+    """No ``httpx.AsyncClient`` in between (issue 15): the request is httpx's, sent by the
+    transport itself, with the client's default headers."""
+    _no_proxies(monkeypatch)
+    fal = await make_client(upstream_transport=transport, upstream_mode=mode)
+    assert isinstance(fal._http, DirectClient)
+    result = await fal.run(CALL)
+    assert (result.images[0].width, result.images[0].height) == (512, 512)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("mode", ["queue", "sync"])
+async def test_a_proxy_named_by_the_environment_carries_the_calls(
+    make_client: MakeClient,
+    upstream_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    transport: str,
+    mode: str,
+) -> None:
+    """A fal reachable only through ``HTTP_PROXY`` (a company's egress proxy), on either
+    transport: the proxy is the sandbox itself, which answers a proxy's absolute-form
+    requests."""
+    _no_proxies(monkeypatch)
+    unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    options = {"base_url": unreachable, "upstream_mode": mode, "upstream_transport": transport}
+    direct = await make_client(**options, upstream_max_retries=0)
+    with pytest.raises(UpstreamError):
+        await direct.run(CALL)
+    monkeypatch.setenv("HTTP_PROXY", upstream_url)
+    proxied = await make_client(**options)
+    result = await proxied.run(CALL)
+    assert (result.images[0].width, result.images[0].height) == (512, 512)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_no_proxy_exempts_a_host_from_the_environments_proxy(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """``NO_PROXY`` names fal's host: the calls go straight to it, past a proxy that is down."""
+    _no_proxies(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    fal = await make_client(upstream_transport=transport, upstream_max_retries=0)
     result = await fal.run(CALL)
     assert (result.images[0].width, result.images[0].height) == (512, 512)
