@@ -37,7 +37,7 @@ import http.cookiejar
 import ssl
 import urllib.request
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import certifi
@@ -211,21 +211,6 @@ class CookielessAsyncClient(httpx.AsyncClient):
         return None
 
 
-class UpstreamHTTP(Protocol):
-    """What the fal client needs of an HTTP client: one call, read whole; and closing."""
-
-    async def request(
-        self,
-        method: str,
-        url: httpx.URL | str,
-        *,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response: ...
-
-    async def aclose(self) -> None: ...
-
-
 #: httpx's client's own default headers, sent as it sent them (``Accept-Encoding`` without the
 #: codecs this process may lack), so that fal sees the same requests as before.
 _DEFAULT_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "Connection": "keep-alive"}
@@ -299,6 +284,10 @@ class DirectClient:
     async def aclose(self) -> None:
         self._closed = True
         await self._transport.aclose()
+
+
+#: What the fal client sends its calls with (see :func:`upstream_http`).
+UpstreamHTTP = DirectClient | CookielessAsyncClient
 
 
 def environment_proxies() -> bool:
