@@ -445,9 +445,11 @@ class _Attachment:
 
     The command leaves the moment fal accepted the job, as before, so a crash while fal works
     is still billed from fal's answer; but the request goes on following the job instead of
-    waiting a Redis round trip for the reply (issue 15). A reply that the hold is gone (the
-    resolver released it: its lease ran out before fal accepted the job) interrupts the
-    following, and fal is told to cancel, as when the reply was awaited first.
+    waiting a Redis round trip for the reply (issue 15). A hold the resolver released as
+    abandoned meanwhile (its lease ran out before fal accepted the job) is put back by the
+    command itself (``reinstate.lua``). A reply that the hold is gone (resolved otherwise:
+    nothing can bill the job) interrupts the following, and fal is told to cancel, as when
+    the reply was awaited first.
     """
 
     def __init__(self, meter: Meter, admission: Admission) -> None:
@@ -513,7 +515,7 @@ async def _forward(job: Job, admission: Admission, path: MoneyPath) -> Outcome:
             attachment.stop_following()
         if not await attachment.recorded():
             attachment.fal_request_id = None  # nothing holds money for it: release, not hand off
-            raise UpstreamError("The request's hold expired before fal accepted it.")
+            raise UpstreamError("The request's hold was resolved before fal accepted it.")
     except BaseException as exc:
         # Shielded and counted in flight, so that neither a client hanging up nor a shutdown
         # cuts the bookkeeping short.

@@ -7,14 +7,21 @@
 --   'detached':   fal's queue API answered the submit at once (SPEC section 11); the job is
 --                 the key's in flight until fal finishes it, whether or not its client asks.
 --
--- KEYS: 1 holds, 2 leases, 3 request record, 4 inflight   (under {k:<id>})
+-- A hold the resolver released as abandoned meanwhile is put back first (reinstate.lua).
+--
+-- KEYS: 1 holds, 2 leases, 3 request record, 4 inflight, 5 budget, 6 ledger   (under {k:<id>})
 -- ARGV: 1 request_id, 2 fal request id ('' = as recorded), 3 now_us ('' = Redis TIME),
---       4 'unresolved'|'detached'
+--       4 'unresolved'|'detached', 5 key_id, 6 acting process id
 -- Reply: 1 handed over, 0 no such hold (already resolved)
 
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then
-  return 0
+  raw = reinstate_hold({holds = KEYS[1], record = KEYS[3], budget = KEYS[5],
+    inflight = KEYS[4], leases = KEYS[2], ledger = KEYS[6]},
+    ARGV[5], ARGV[1], ARGV[2], ARGV[6], 0, redis_now_us(ARGV[3]))
+  if not raw then
+    return 0
+  end
 end
 local hold = cjson.decode(raw)
 if ARGV[2] ~= '' then

@@ -10,11 +10,17 @@ its id is recorded) -> settled | released, or ``unresolved`` (the request path g
 fal accepted it) -> settled | released by the resolver from fal's answer. Every hold has a lease
 in ``{k:<id>}:leases`` renewed while its request lives; the resolver takes the ones whose lease
 ran out. Every time that decides money is Redis's ``TIME``, read inside the scripts.
+
+One exception to the invariant, in favour of the ledger: a hold the resolver released as
+abandoned (no fal id when its lease ran out) whose request was alive after all and whose job
+fal accepted is put back when fal's id or images reach Redis (``reinstate.lua``), even if the
+released money was admitted to other requests meanwhile. fal did the work; it is recorded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +45,13 @@ _UNAUTHORIZED = {
     "expired": "This API key has expired.",
 }
 _MONEY = ("clock.lua",)
+# The scripts that meet fal's answer for a hold, which may find it abandoned (reinstate.lua).
+_ANSWERS = ("clock.lua", "reinstate.lua")
+#: The resolver's reason for releasing a hold whose lease ran out before fal's request id was
+#: recorded; such a hold is put back if its request turns out to be alive (reinstate.lua).
+ABANDONED = "abandoned"
+
+log = logging.getLogger("falgate.metering")
 
 
 @dataclass(frozen=True)
@@ -182,9 +195,9 @@ class Meter:
         self.lease_ms = max(1000, int(settings.hold_lease_s * 1000))
         self.record_ttl_ms = int(settings.request_record_ttl_s * 1000)
         self._admit = LuaScript(redis, __package__, "admit.lua", prelude=_MONEY)
-        self._resolve = LuaScript(redis, __package__, "resolve.lua", prelude=_MONEY)
-        self._attach = LuaScript(redis, __package__, "attach.lua", prelude=_MONEY)
-        self._handoff = LuaScript(redis, __package__, "handoff.lua", prelude=_MONEY)
+        self._resolve = LuaScript(redis, __package__, "resolve.lua", prelude=_ANSWERS)
+        self._attach = LuaScript(redis, __package__, "attach.lua", prelude=_ANSWERS)
+        self._handoff = LuaScript(redis, __package__, "handoff.lua", prelude=_ANSWERS)
         self._renew = LuaScript(redis, __package__, "renew.lua", prelude=_MONEY)
 
     def _now_us(self) -> str:
@@ -302,19 +315,39 @@ class Meter:
     async def attach_upstream(self, admission: Admission, fal_request_id: str) -> bool:
         """Record fal's request id on the hold (state ``submitted``).
 
-        Returns False when the hold no longer exists (the resolver released it because its
-        lease ran out before fal accepted the job): the caller should cancel at fal.
+        A hold the resolver released as abandoned meanwhile (its lease ran out: this process
+        was stalled or cut off from Redis) is put back with the id, since fal has the job.
+        Returns False only when the hold was resolved otherwise: nothing can bill the job,
+        and the caller should cancel at fal.
         """
+        key_id, request_id = admission.key_id, admission.request_id
         keys = [
-            keyspace.holds(admission.key_id),
-            keyspace.request_record(admission.key_id, admission.request_id),
+            keyspace.holds(key_id),
+            keyspace.request_record(key_id, request_id),
+            keyspace.budget(key_id),
+            keyspace.inflight(key_id),
+            keyspace.leases(key_id),
+            keyspace.ledger(key_id),
         ]
-        (done,) = await run_together(
-            self.scripts, self._attach.call(keys, [admission.request_id, fal_request_id])
-        )
+        args: list[str | int | float] = [
+            request_id,
+            fal_request_id,
+            key_id,
+            self.process_id,
+            self.lease_ms,
+            self._now_us(),
+        ]
+        (done,) = await run_together(self.scripts, self._attach.call(keys, args))
         if isinstance(done, Exception):
             with store_errors():  # a transient error reply is a 503, any other a bug
                 raise done
+        if _int(done) == 2:
+            log.warning(
+                "request %s was released as abandoned before fal accepted it as %s; "
+                "its hold is reinstated",
+                request_id,
+                fal_request_id,
+            )
         return bool(_int(done))
 
     def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
@@ -336,8 +369,10 @@ class Meter:
             keyspace.leases(key_id),
             keyspace.request_record(key_id, request_id),
             keyspace.inflight(key_id),
+            keyspace.budget(key_id),
+            keyspace.ledger(key_id),
         ]
-        args = [request_id, fal_request_id or "", self._now_us(), mode]
+        args = [request_id, fal_request_id or "", self._now_us(), mode, key_id, self.process_id]
         return self._handoff.call(keys, args)
 
     async def settle(

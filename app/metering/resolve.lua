@@ -1,7 +1,8 @@
 -- Resolve a hold exactly once: settle it (charge min(actual, hold), release the rest) or
 -- release it whole. Whoever finds the hold first wins; a later call (the request path racing
 -- the resolver, or a retried call) finds it gone and gets the recorded outcome back from the
--- request record instead.
+-- request record instead; except that a settle of a hold released as 'abandoned' puts it back
+-- first (reinstate.lua): fal did the work.
 --
 -- KEYS: 1 meta, 2 inflight, 3 budget, 4 holds, 5 ledger, 6 leases, 7 request record,
 --       8 rollup state, 9 rollup month prefix (all under {k:<id>}; the month hash is
@@ -41,6 +42,12 @@ local function remaining_budget()
 end
 
 local raw = redis.call('HGET', holds_key, request_id)
+if not raw and mode == 'settle' then
+  -- fal produced the images of a request the resolver gave up for dead (reinstate.lua).
+  raw = reinstate_hold({holds = holds_key, record = record_key, budget = budget_key,
+    inflight = inflight_key, leases = leases_key, ledger = ledger_key},
+    key_id, request_id, ARGV[13] or '', ARGV[8], 0, now_us)
+end
 if not raw then
   redis.call('ZREM', leases_key, request_id)
   local rec = redis.call('HMGET', record_key, 'status', 'charged_micro', 'released_micro')
@@ -112,6 +119,9 @@ redis.call('HSET', record_key, 'status', status, 'state', mode == 'settle' and '
   'released_micro', string.format('%d', released), 'pixels', pixels, 'reason', ARGV[7],
   'images', ARGV[9], 'seed', ARGV[10], 'remaining_micro', string.format('%d', remaining),
   'resolved_ms', fmt(now_ms))
+if mode ~= 'settle' and ARGV[7] == 'abandoned' then
+  redis.call('HSET', record_key, ABANDONED_HOLD, raw)  -- kept in case it is alive after all
+end
 redis.call('PEXPIRE', record_key, ARGV[11])
 
 local images = 0

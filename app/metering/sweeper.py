@@ -6,7 +6,8 @@ the holds whose lease ran out (a crashed process's, or ones the request path mar
 ``unresolved``), claims each one (``claim.lua``) and:
 
 - fal's request id is unknown (fal never accepted the job, or the process died before it
-  could record the id) -> release;
+  could record the id) -> release (``abandoned``; put back if its request is alive after all
+  and fal has the job, see ``reinstate.lua``);
 - fal says the job is still queued or running -> look again shortly;
 - fal says it completed -> settle from the sizes of the images fal returned (at the hold amount
   where an image lacks its size, as upscalers' results do);
@@ -32,7 +33,7 @@ from app.catalog.pricing import price_images
 from app.errors import FalgateError, Unavailable
 from app.metering import keyspace
 from app.metering.lua import LuaScript, store_errors, text
-from app.metering.meter import Meter
+from app.metering.meter import ABANDONED, Meter
 from app.settings import Settings
 from app.upstream.types import OutcomeState, UpstreamOutcome
 
@@ -182,7 +183,7 @@ class Sweeper:
         upstream_id = hold.get("upstream") or ""
         if not upstream_id:
             released = await self.meter.resolve_hold(
-                key_id, request_id, settle=False, reason="abandoned"
+                key_id, request_id, settle=False, reason=ABANDONED
             )
             if not released.already_resolved:
                 report.released.append(request_id)

@@ -4,6 +4,8 @@ released at once), and what fal made when it did (the resolver asks fal, SPEC se
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -12,10 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from app.metering import keyspace
 from app.metering.meter import Meter
+from app.metering.sweeper import Sweeper
 from app.settings import Settings
+from app.upstream.types import UpstreamOutcome
 from tests.conftest import Gateway, GatewayFactory, Sandbox
 from tests.money import micro, produced_cost, quiet_usage
 
@@ -214,14 +219,109 @@ def test_real_fal_key_without_admin_token_refuses_to_start(tmp_path: Any) -> Non
     assert "DO-NOT-LEAK" not in result.stderr + result.stdout
 
 
-def test_a_hold_gone_when_fal_accepts_the_job_cancels_the_job(
+def _held_while(caller: threading.Thread, store: redis.Redis, key_id: str) -> str:
+    """Start ``caller`` and return the id of the one hold it places."""
+    started = time.monotonic()
+    caller.start()
+    held: list[str] = []
+    while not held and time.monotonic() < started + 10:
+        held = [str(field) for field in store.hkeys(keyspace.holds(key_id))]
+        time.sleep(0.02)
+    assert len(held) == 1
+    return held[0]
+
+
+class _NoFal:
+    async def outcome(self, endpoint: str, request_id: str) -> UpstreamOutcome:
+        raise AssertionError("a hold without fal's id is released without asking fal")
+
+
+def _abandon(redis_url: str, key_id: str, request_id: str) -> None:
+    """The resolver's own release of a hold whose lease ran out (as when its process was cut
+    off from Redis for a lease or more): the lease is made due, one resolver sweeps it."""
+
+    async def sweep() -> list[str]:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            resolver = Sweeper(client, Settings(), "proc_test_resolver", _NoFal())
+            for _ in range(100):  # the live request may renew the lease in between: again
+                await client.zadd(keyspace.leases(key_id), {request_id: 0})
+                if released := (await resolver.resolve_one(key_id, request_id)).released:
+                    return released
+                await asyncio.sleep(0.01)
+            return []
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(sweep()) == [request_id]
+
+
+def _ledger(gateway: Gateway, key_id: str) -> list[tuple[str, str]]:
+    with gateway.admin() as admin:
+        response = admin.get("/admin/ledger", params={"key_id": key_id})
+    assert response.status_code == 200, response.text
+    rows = [json.loads(line) for line in response.text.splitlines()]
+    return [(row["event"], row["reason"]) for row in rows]
+
+
+@pytest.mark.parametrize("mode", ["queue", "sync"])
+def test_a_job_fal_did_after_the_resolver_gave_its_request_up_is_billed(
+    mode: str,
+    faulty: Gateway,
+    faulty_sync: Gateway,
+    clean_sandbox: Sandbox,
+    redis_url: str,
+) -> None:
+    """A live request whose hold the resolver released because its lease ran out (its process
+    stalled or lost Redis for a lease) while fal worked on its job, or was slow to accept it:
+    the hold is put back when fal's id (queue mode) or images (sync mode) reach Redis, the
+    client gets its images, and the key pays exactly what fal produced."""
+    gateway = faulty if mode == "queue" else faulty_sync
+    key_id, key = gateway.create_key(name="stalled", budget_usd="10")
+    clean_sandbox.configure(
+        # Within the gateway's 3 s deadline: queue mode's submit waits 0.8 s at fal (the
+        # release lands before fal accepts), sync mode's release lands while fal generates.
+        latency_ms=800,
+        faults=[{"kind": "delay", "scope": "submit", "delay_ms": 800, "count": 1}],
+    )
+    store = redis.Redis.from_url(redis_url, decode_responses=True)
+    answers: list[httpx.Response] = []
+
+    def call() -> None:
+        with gateway.client(key) as client:
+            answers.append(client.post("/v1/generate", json={"prompt": "x"}))
+
+    caller = threading.Thread(target=call)
+    request_id = _held_while(caller, store, key_id)
+    _abandon(redis_url, key_id, request_id)
+    assert not store.hexists(keyspace.holds(key_id), request_id)
+    caller.join(timeout=30)
+    [response] = answers
+    assert response.status_code == 200, response.text
+    [job] = clean_sandbox.requests()
+    cost = produced_cost([job])
+    assert job["status"] == "completed" and cost > 0
+    assert micro(response.json()["cost"]["amount_usd"]) == cost
+    with gateway.client(key) as client:
+        usage = quiet_usage(client)
+        record = client.get(f"/v1/requests/{request_id}").json()
+    assert micro(usage["spent_usd"]) == cost
+    assert (record["status"], micro(record["cost"]["amount_usd"])) == ("completed", cost)
+    assert _ledger(gateway, key_id) == [
+        ("hold", ""),
+        ("release", "abandoned"),
+        ("hold", "reinstated"),
+        ("settle", "completed"),
+    ]
+
+
+def test_a_hold_resolved_otherwise_when_fal_accepts_the_job_cancels_the_job(
     faulty: Gateway, clean_sandbox: Sandbox, redis_url: str
 ) -> None:
     """fal's request id is recorded on the hold while the gateway already follows the job
-    (issue 15). If the reply is that the hold is gone (here released by hand, as the resolver
-    releases one whose lease ran out while fal was slow to accept the job), nothing can bill
-    the job: the gateway stops following it at once, fal is told to cancel, and the client
-    gets a 502 with nothing charged."""
+    (issue 15). If the reply is that the hold is gone and was not given up for dead by the
+    resolver (here released by hand), nothing can bill the job: the gateway stops following
+    it at once, fal is told to cancel, and the client gets a 502 with nothing charged."""
     key_id, key = faulty.create_key(name="stale", budget_usd="10")
     clean_sandbox.configure(
         latency_ms=5000,  # still generating when the reply comes: a cancel is what ends it
@@ -235,22 +335,18 @@ def test_a_hold_gone_when_fal_accepts_the_job_cancels_the_job(
         with faulty.client(key) as client:
             answers.append(client.post("/v1/generate", json={"prompt": "x"}))
 
-    caller = threading.Thread(target=call)
-    started = time.monotonic()
-    caller.start()
-    held: list[str] = []
-    while not held and time.monotonic() < started + 10:
-        held = [str(field) for field in store.hkeys(keyspace.holds(key_id))]
-        time.sleep(0.02)
-    assert len(held) == 1 and not clean_sandbox.requests()  # held, fal not there yet
-    script = release(key_id, held[0], "lease_expired")
+    request_id = _held_while(threading.Thread(target=call), store, key_id)
+    assert not clean_sandbox.requests()  # held, fal not there yet
+    script = release(key_id, request_id, "lease_expired")
     keys, args = script.keys, script.args
     sha = store.script_load(script.script.source)
     assert store.evalsha(sha, len(keys), *keys, *args)[0] == "ok"
-    caller.join(timeout=30)
+    deadline = time.monotonic() + 30
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.05)
     [response] = answers
     assert response.status_code == 502, response.text
-    assert "hold expired" in response.json()["error"]["message"]
+    assert "hold was resolved" in response.json()["error"]["message"]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and clean_sandbox.requests()[0]["status"] != "cancelled":
         time.sleep(0.05)

@@ -19,9 +19,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.catalog import price_images
+from app.errors import BudgetExceeded
 from app.metering import Meter
 from app.metering.lua import run_together
 from app.metering.sweeper import Sweeper
+from app.money import format_usd
 from app.sandbox import SandboxControl, embedded_sandbox
 from app.settings import Settings
 from app.upstream.client import FalClient
@@ -283,3 +286,143 @@ async def test_a_hold_whose_lease_ran_out_is_resolved_even_if_its_process_lives(
     report = await sweeper.sweep_once()
     assert report.released == ["req_lost"]
     assert (await sweeper.meter.usage("key_a"))["held_usd"] == "0.000000"
+
+
+# A hold released as abandoned whose request was alive after all (its process stalled, or cut
+# off from Redis, for longer than a lease) and whose job fal accepted: put back and billed.
+
+
+async def abandoned(
+    r: Any, settings: Settings, sweeper: Sweeper, price: Any, rid: str, amount: int, **kw: Any
+) -> tuple[Meter, Any]:
+    """A live process's hold that the resolver released because its lease ran out."""
+    stalled = Meter(r, settings, "proc_stalled")
+    admission = await hold(stalled, "key_a", rid, amount, price, **kw)
+    await r.zadd("{k:key_a}:leases", {rid: 0})  # no renewal reached Redis for a lease
+    assert (await sweeper.sweep_once()).released == [rid]
+    return stalled, admission
+
+
+async def test_a_job_fal_accepted_after_its_hold_was_abandoned_is_put_back_and_settled(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    await make_key("key_a", budget_micro=100_000)
+    stalled, admission = await abandoned(
+        r, settings, sweeper, price, "req_1", 23_594, pixels=2 * 786_432
+    )
+    assert (await stalled.usage("key_a"))["held_usd"] == "0.000000"
+
+    fal_id = await fal.image(1024, 768)  # fal accepted (and did) the job after all
+    assert await stalled.attach_upstream(admission, fal_id)
+    usage = await stalled.usage("key_a")
+    assert (usage["held_usd"], usage["in_flight"]) == ("0.023594", 1)
+    record = await stalled.request_record("key_a", "req_1")
+    assert record is not None
+    assert (record.status, record.upstream_request_id) == ("pending", fal_id)
+
+    actual = price_images([(1024, 768)], 15_000)
+    first, second = await asyncio.gather(
+        stalled.settle(admission, actual), stalled.settle(admission, actual)
+    )
+    assert sorted([first.already_resolved, second.already_resolved]) == [False, True]
+    assert first.charged == second.charged == actual.amount
+    ledger = await events(r, "key_a")
+    assert [(e["event"], e.get("reason")) for e in ledger] == [
+        ("hold", None),
+        ("release", "abandoned"),
+        ("hold", "reinstated"),
+        ("settle", "completed"),
+    ]
+    assert ledger[2]["upstream_request_id"] == fal_id
+    assert ledger[2]["amount_micro"] == "23594"
+    assert int(ledger[3]["amount_micro"]) == actual.amount
+    usage = await stalled.usage("key_a")
+    assert (usage["held_usd"], usage["in_flight"]) == ("0.000000", 0)
+    assert usage["spent_usd"] == format_usd(actual.amount)
+    record = await stalled.request_record("key_a", "req_1")
+    assert record is not None and (record.status, record.charged) == ("completed", actual.amount)
+
+
+async def test_a_sync_job_whose_hold_was_abandoned_is_billed_by_its_settle(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    """fal's sync API gives no id to record before the images: the settle puts the hold back."""
+    await make_key("key_a", budget_micro=100_000)
+    stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
+    settlement = await stalled.settle(admission, price(15_000))
+    assert (settlement.charged, settlement.released, settlement.already_resolved) == (
+        15_000,
+        5_000,
+        False,
+    )
+    ledger = await events(r, "key_a")
+    assert [e["event"] for e in ledger] == ["hold", "release", "hold", "settle"]
+    usage = await stalled.usage("key_a")
+    assert (usage["spent_usd"], usage["held_usd"], usage["in_flight"]) == (
+        "0.015000",
+        "0.000000",
+        0,
+    )
+
+
+async def test_a_detached_job_whose_hold_was_abandoned_is_settled_by_the_resolver(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    """fal's queue API: the hand-off to the resolver puts the hold back, with fal's id."""
+    await make_key("key_a", budget_micro=100_000)
+    stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
+    fal_id = await fal.image(1000, 1000)
+    (handed,) = await run_together(r, stalled.detached_call(admission, fal_id))
+    assert handed == 1
+    assert (await sweeper.sweep_once()).settled == ["req_1"]
+    ledger = await events(r, "key_a")
+    assert [e["event"] for e in ledger] == ["hold", "release", "hold", "settle"]
+    assert ledger[-1]["upstream_request_id"] == fal_id
+    assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.015000"
+
+
+async def test_a_job_given_up_after_its_hold_was_abandoned_is_resolved_from_fal(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    """The request path gave up on the job (marked unresolved): the resolver asks fal."""
+    await make_key("key_a", budget_micro=100_000)
+    stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
+    fal_id = await fal.image(1000, 1000)
+    (handed,) = await run_together(r, stalled.unresolved_call(admission, fal_id))
+    assert handed == 1
+    assert (await sweeper.sweep_once()).settled == ["req_1"]
+    assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.015000"
+
+
+async def test_a_hold_put_back_may_pass_the_budget_and_the_ledger_shows_it(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    """The one exception to settled + held <= budget: the released money went to another
+    request meanwhile, and fal billed both jobs."""
+    await make_key("key_a", budget_micro=30_000)
+    stalled, first = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
+    live = Meter(r, settings, "proc_live")
+    second = await hold(live, "key_a", "req_2", 20_000, price)  # the room the release gave
+    await live.settle(second, price(20_000))
+    assert (await stalled.settle(first, price(20_000))).charged == 20_000
+    usage = await live.usage("key_a")
+    assert (usage["spent_usd"], usage["remaining_usd"]) == ("0.040000", "0.000000")
+    with pytest.raises(BudgetExceeded):
+        await hold(live, "key_a", "req_3", 1, price)
+
+
+async def test_only_a_hold_the_resolver_abandoned_is_put_back(
+    r: Any, settings: Settings, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    """A hold its own request released (it failed before fal accepted the job) stays released."""
+    await make_key("key_a", budget_micro=100_000)
+    meter = Meter(r, settings, "proc_live")
+    admission = await hold(meter, "key_a", "req_1", 20_000, price)
+    await meter.release(admission, "upstream_error")
+    assert not await meter.attach_upstream(admission, await fal.image(100, 100))
+    settlement = await meter.settle(admission, price(20_000))
+    assert (settlement.charged, settlement.already_resolved) == (0, True)
+    (handed,) = await run_together(r, meter.detached_call(admission, "fal_x"))
+    assert handed == 0
+    assert [e["event"] for e in await events(r, "key_a")] == ["hold", "release"]
+    assert (await meter.usage("key_a"))["spent_usd"] == "0.000000"
