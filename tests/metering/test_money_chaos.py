@@ -288,6 +288,72 @@ async def test_gateway_killed_mid_flight_is_resolved_by_another_within_a_lease(
     assert charged == 5 * SQUARE_COST
 
 
+async def _holds(deployment: Deployment, key_id: str) -> list[dict[str, Any]]:
+    store = aioredis.Redis.from_url(deployment.redis.url, decode_responses=True)
+    try:
+        raw = await store.hgetall(f"{{k:{key_id}}}:holds")
+    finally:
+        await store.aclose()
+    return [json.loads(h) for h in raw.values()]
+
+
+async def _until(condition: Any, what: str, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never: {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["queue", "sync"])
+async def test_a_gateway_frozen_past_its_leases_bills_what_fal_did_meanwhile(
+    mode: str, deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
+) -> None:
+    """A gateway process stopped (SIGSTOP) for longer than its holds' lease, before fal's ids
+    reached Redis: another process's resolver releases the holds as abandoned and fal does
+    every job meanwhile. When the process goes on, its requests put their holds back (queue
+    mode: when fal's id is recorded; sync mode: when the images are settled), every client
+    gets its images, and the ledger has exactly what fal produced, each job settled once."""
+    victim = deployment.start_gateway(
+        FALGATE_UPSTREAM_MODE=mode, FALGATE_HOLD_LEASE_S="2", FALGATE_AUTH_CACHE_TTL_S="60"
+    )
+    n = 6
+    if mode == "queue":  # fal accepts the jobs only while the process is stopped
+        deployment.configure_sandbox(
+            latency_ms=300,
+            faults=[{"kind": "delay", "scope": "submit", "delay_ms": 1500, "count": n}],
+        )
+    else:  # fal is generating when the process is stopped
+        deployment.configure_sandbox(latency_ms=1500)
+    key_id, key, budget = await _budgeted(deployment, gateway, 20)
+    requests = asyncio.create_task(_post_all(victim, key, n))
+
+    async def held_without_fal_ids() -> bool:
+        holds = await _holds(deployment, key_id)
+        return len(holds) == n and not any(h["upstream"] for h in holds)
+
+    await _until(held_without_fal_ids, f"{n} holds without fal's ids")
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+
+        async def abandoned_and_done() -> bool:
+            jobs = deployment.sandbox_requests()
+            finished = len(jobs) == n and all(j["status"] == "completed" for j in jobs)
+            return finished and not await _holds(deployment, key_id)
+
+        await _until(abandoned_and_done, "holds released by the resolver, fal's jobs done")
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+    statuses = _statuses(await requests)
+    assert statuses == [200] * n, statuses
+    charged = await assert_money_exact(deployment, gateway, key_id, key, budget)
+    assert charged == (n + 1) * SQUARE_COST
+    ledger = await deployment.ledger(gateway, key_id)
+    reasons = sorted(e["reason"] for e in ledger if e["event"] in ("hold", "release"))
+    assert reasons.count("abandoned") == reasons.count("reinstated") == n, reasons
+    victim.kill()
+
+
 async def test_same_idempotency_key_on_two_processes_with_the_owner_killed(
     deployment: Deployment, gateway: GatewayProcess, fresh_sandbox: Deployment
 ) -> None:
