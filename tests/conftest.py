@@ -7,6 +7,7 @@ sandbox is ``falgate sandbox`` and every gateway is ``falgate serve`` in its own
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,15 @@ class Gateway:
 
     def output(self) -> str:
         return self.log.read_text()
+
+    def metric(self, pattern: str) -> float:
+        """The sum of the ``/metrics`` samples whose line matches ``pattern`` (a regex)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if not line.startswith("#") and re.search(pattern, line)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from app.keys.service import ApiKey
 from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
 from app.metering.lua import ScriptCall, run_together
-from app.metering.meter import Admission, AdmitRequest, Meter, Settlement
+from app.metering.meter import Admission, AdmitRequest, Meter, Settlement, reinstated
 from app.metering.sweeper import Sweeper
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
@@ -279,7 +279,8 @@ async def submit(job: Job, key: ApiKey, request_id: str, path: MoneyPath) -> Sub
                 path.meter.detached_call(admission, fal_request_id),
             )
             try:
-                await path.inflight.shield(run_together(path.meter.scripts, *calls))
+                _, handoff = await path.inflight.shield(run_together(path.meter.scripts, *calls))
+                path.meter.handed_over(handoff, admission, fal_request_id)
             except Unavailable:
                 path.deferred.later(*calls)
         return Submitted(request_id, fal_request_id, admission)
@@ -360,7 +361,8 @@ async def _give_up(path: MoneyPath, admission: Admission, fal_request_id: str) -
         path.meter.unresolved_call(admission, fal_request_id),
     )
     try:
-        await run_together(path.meter.scripts, *calls)
+        _, handoff = await run_together(path.meter.scripts, *calls)
+        path.meter.handed_over(handoff, admission, fal_request_id)
     except Unavailable:
         path.deferred.later(*calls)
 
@@ -393,7 +395,10 @@ async def _settle_and_free(
     while True:
         try:
             replies = await run_together(meter.scripts, *calls)
-            return meter.settlement_from(replies[-1])
+            settlement = meter.settlement_from(replies[-1])
+            if settlement.reinstated:
+                reinstated(admission.request_id, upstream)
+            return settlement
         except Unavailable as exc:
             if time.monotonic() + delay > deadline:
                 # Still retried in the background, with the hold's lease kept alive meanwhile:

@@ -12,10 +12,12 @@
 -- KEYS: 1 holds, 2 leases, 3 request record, 4 inflight, 5 budget, 6 ledger   (under {k:<id>})
 -- ARGV: 1 request_id, 2 fal request id ('' = as recorded), 3 now_us ('' = Redis TIME),
 --       4 'unresolved'|'detached', 5 key_id, 6 acting process id
--- Reply: 1 handed over, 0 no such hold (already resolved)
+-- Reply: 1 handed over, 2 handed over after putting it back, 0 no such hold (already resolved)
 
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local reply = 1
 if not raw then
+  reply = 2
   raw = reinstate_hold({holds = KEYS[1], record = KEYS[3], budget = KEYS[5],
     inflight = KEYS[4], leases = KEYS[2], ledger = KEYS[6]},
     ARGV[5], ARGV[1], ARGV[2], ARGV[6], 0, redis_now_us(ARGV[3]))
@@ -39,4 +41,4 @@ else
 end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(hold))
 redis.call('ZADD', KEYS[2], fmt(ms_of(redis_now_us(ARGV[3]))), ARGV[1])
-return 1
+return reply

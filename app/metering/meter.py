@@ -35,6 +35,7 @@ from app.metering.lua import LuaScript, ScriptCall, run_together, store_errors, 
 from app.metering.multiplex import ScriptClient
 from app.metering.periods import iso, period_bounds
 from app.money import format_usd
+from app.ops.metrics import record_reinstated
 from app.ratelimit.headers import rate_limit_headers
 from app.settings import Settings
 from app.upstream.types import GeneratedImage
@@ -52,6 +53,17 @@ _ANSWERS = ("clock.lua", "reinstate.lua")
 ABANDONED = "abandoned"
 
 log = logging.getLogger("falgate.metering")
+
+
+def reinstated(request_id: str, fal_request_id: str | None) -> None:
+    """Say that a hold released as abandoned was put back (``reinstate.lua``): its process was
+    stalled or cut off from Redis for longer than a lease, and the key may be over budget."""
+    log.warning(
+        "request %s was released as abandoned, but fal has its job %s: its hold is put back",
+        request_id,
+        fal_request_id or "(fal's id unknown)",
+    )
+    record_reinstated()
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,7 @@ class Settlement:
     released: int
     remaining: int | None
     already_resolved: bool = False
+    reinstated: bool = False  # the settle put back a hold released as abandoned first
 
 
 @dataclass(frozen=True)
@@ -342,13 +355,18 @@ class Meter:
             with store_errors():  # a transient error reply is a 503, any other a bug
                 raise done
         if _int(done) == 2:
-            log.warning(
-                "request %s was released as abandoned before fal accepted it as %s; "
-                "its hold is reinstated",
-                request_id,
-                fal_request_id,
-            )
+            reinstated(request_id, fal_request_id)
         return bool(_int(done))
+
+    def handed_over(self, reply: Any, admission: Admission, fal_request_id: str | None) -> bool:
+        """Interpret the hand-off script's reply (:meth:`unresolved_call`,
+        :meth:`detached_call`): False if the hold was already resolved."""
+        if isinstance(reply, Exception):
+            with store_errors():
+                raise reply
+        if _int(reply) == 2:
+            reinstated(admission.request_id, fal_request_id)
+        return bool(_int(reply))
 
     def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
         """Mark a hold ``unresolved`` (fal accepted its job, the request path gave up on it):
@@ -508,6 +526,7 @@ class Meter:
             released=_int(reply[2]),
             remaining=_remaining(reply[3]),
             already_resolved=bool(_int(reply[4])),
+            reinstated=bool(_int(reply[5])),
         )
 
     def renew_call(self, key_id: str, request_ids: Sequence[str]) -> ScriptCall:

@@ -15,7 +15,8 @@
 --
 -- Replies:
 --   {'ok', charged, released, remaining (-1 = unlimited), already (0 = resolved now,
---    1 = resolved earlier: charged/released are what was recorded then)}
+--    1 = resolved earlier: charged/released are what was recorded then),
+--    reinstated (1 = the settle put an abandoned hold back first, else 0)}
 --   {'missing', remaining}  no such hold was ever admitted; a release leaves a tombstone so
 --                           that an admission still on its way for this id is refused
 
@@ -42,17 +43,19 @@ local function remaining_budget()
 end
 
 local raw = redis.call('HGET', holds_key, request_id)
+local reinstated = 0
 if not raw and mode == 'settle' then
   -- fal produced the images of a request the resolver gave up for dead (reinstate.lua).
   raw = reinstate_hold({holds = holds_key, record = record_key, budget = budget_key,
     inflight = inflight_key, leases = leases_key, ledger = ledger_key},
     key_id, request_id, ARGV[13] or '', ARGV[8], 0, now_us)
+  reinstated = raw and 1 or 0
 end
 if not raw then
   redis.call('ZREM', leases_key, request_id)
   local rec = redis.call('HMGET', record_key, 'status', 'charged_micro', 'released_micro')
   if rec[1] == 'completed' or rec[1] == 'failed' or rec[1] == 'cancelled' then
-    return {'ok', tonumber(rec[2]) or 0, tonumber(rec[3]) or 0, remaining_budget(), 1}
+    return {'ok', tonumber(rec[2]) or 0, tonumber(rec[3]) or 0, remaining_budget(), 1, 0}
   end
   if mode == 'release' and not rec[1] then
     redis.call('HSET', record_key, 'status', 'failed', 'state', 'released', 'key_id', key_id,
@@ -182,4 +185,4 @@ local first = redis.call('HGET', KEYS[8], 'first')
 if not first or month_name < first then
   redis.call('HSET', KEYS[8], 'first', month_name)
 end
-return {'ok', charged, released, remaining, 0}
+return {'ok', charged, released, remaining, 0, reinstated}

@@ -150,6 +150,12 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.holds_reinstated = Counter(
+            "falgate_holds_reinstated",
+            "Holds the resolver released as abandoned that their live request put back because "
+            "fal had the job (each may take settled + held past the key's budget).",
+            registry=r,
+        )
         self.edge_closed = Counter(
             "falgate_edge_closed_connections",
             "Connections the HTTP edge closed: head too slow, evicted or refused at the cap.",
@@ -185,6 +191,9 @@ class Metrics:
 
     def record_edge_close(self, reason: str) -> None:
         self.edge_closed.labels(_label(reason)).inc()
+
+    def record_reinstated(self) -> None:
+        self.holds_reinstated.inc()
 
     def set_holds_source(self, source: HoldsSource | None) -> None:
         """Register how to count the outstanding holds; it is awaited on each scrape."""
@@ -275,6 +284,13 @@ def record_settled(model: str, micro: int, key_id: str | None = None) -> None:
     metrics = _bound.get()
     if metrics is not None:
         metrics.record_settled(model, micro, key_id)
+
+
+def record_reinstated() -> None:
+    """A hold released as abandoned was put back by its live request (``reinstate.lua``)."""
+    metrics = _bound.get()
+    if metrics is not None:
+        metrics.record_reinstated()
 
 
 def record_redis_error(operation: str = "") -> None:

@@ -8,12 +8,10 @@ recorded plainly in the access log and ``/metrics``, and never keeps an honest c
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory
@@ -59,15 +57,6 @@ def _split(response: bytes) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
-def _metric(gateway: Gateway, pattern: str) -> float:
-    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith("#") and re.search(pattern, line):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _access_lines(gateway: Gateway) -> Iterator[dict[str, object]]:
     for line in gateway.output().splitlines():
         if line.startswith("{"):
@@ -94,8 +83,7 @@ def test_a_stalled_request_head_gets_408_and_is_closed(edge_gateway: Gateway) ->
     assert "headers" in error["message"]
     assert error["request_id"] == headers["x-request-id"]
     assert (
-        _metric(edge_gateway, r'falgate_edge_closed_connections_total\{reason="header_timeout"')
-        >= 1
+        edge_gateway.metric(r'falgate_edge_closed_connections_total\{reason="header_timeout"') >= 1
     )
 
 
@@ -133,8 +121,7 @@ def test_a_stalled_body_gets_408_on_its_route(edge_gateway: Gateway, api_key: st
     assert headers["connection"] == "close"
     assert json.loads(body)["error"]["type"] == "request_timeout"
     assert (
-        _metric(
-            edge_gateway,
+        edge_gateway.metric(
             r'falgate_http_requests_total\{.*route="/v1/generate".*status="408"',
         )
         >= 1
@@ -148,8 +135,8 @@ def test_a_stalled_body_gets_408_on_its_route(edge_gateway: Gateway, api_key: st
 
 
 def test_a_client_gone_mid_body_is_a_499_on_its_route(edge_gateway: Gateway) -> None:
-    before = _metric(
-        edge_gateway, r'falgate_http_requests_total\{.*route="/v1/run/\{model_id\}".*status="499"'
+    before = edge_gateway.metric(
+        r'falgate_http_requests_total\{.*route="/v1/run/\{model_id\}".*status="499"'
     )
     with _connect(edge_gateway) as sock:
         sock.sendall(
@@ -160,15 +147,14 @@ def test_a_client_gone_mid_body_is_a_499_on_its_route(edge_gateway: Gateway) -> 
         time.sleep(0.2)  # let the server start reading the body (not an assertion)
     _eventually(
         lambda: (
-            _metric(
-                edge_gateway,
+            edge_gateway.metric(
                 r'falgate_http_requests_total\{.*route="/v1/run/\{model_id\}".*status="499"',
             )
             > before
         ),
         "the abandoned request was not counted as 499 on its route",
     )
-    assert _metric(edge_gateway, r'route="<unmatched>".*status="500"') == 0
+    assert edge_gateway.metric(r'route="<unmatched>".*status="500"') == 0
     lines = [r for r in _access_lines(edge_gateway) if r["path"] == "/v1/run/fal-ai/flux/dev"]
     assert any(r["status"] == 499 for r in lines)
     assert not any(r["status"] == 500 for r in _access_lines(edge_gateway))
@@ -192,7 +178,7 @@ def test_stalled_connections_do_not_keep_a_normal_request_out(
         assert response.status_code == 200, response.text
         # The first stalled connections were closed by the server to make room.
         assert _read_until_closed(stalled[0]) == b""
-        assert _metric(gateway, r'falgate_edge_closed_connections_total\{reason="evicted"') >= 200
+        assert gateway.metric(r'falgate_edge_closed_connections_total\{reason="evicted"') >= 200
     finally:
         for sock in stalled:
             sock.close()

@@ -286,6 +286,7 @@ def test_a_job_fal_did_after_the_resolver_gave_its_request_up_is_billed(
     )
     store = redis.Redis.from_url(redis_url, decode_responses=True)
     answers: list[httpx.Response] = []
+    reinstated = gateway.metric("falgate_holds_reinstated_total")
 
     def call() -> None:
         with gateway.client(key) as client:
@@ -313,6 +314,9 @@ def test_a_job_fal_did_after_the_resolver_gave_its_request_up_is_billed(
         ("hold", "reinstated"),
         ("settle", "completed"),
     ]
+    # Operators are told: the process was stalled or cut off, the key may be over budget.
+    assert gateway.metric("falgate_holds_reinstated_total") == reinstated + 1
+    assert f"request {request_id} was released as abandoned" in gateway.output()
 
 
 def test_a_hold_resolved_otherwise_when_fal_accepts_the_job_cancels_the_job(

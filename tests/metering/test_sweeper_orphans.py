@@ -325,6 +325,7 @@ async def test_a_job_fal_accepted_after_its_hold_was_abandoned_is_put_back_and_s
         stalled.settle(admission, actual), stalled.settle(admission, actual)
     )
     assert sorted([first.already_resolved, second.already_resolved]) == [False, True]
+    assert not first.reinstated and not second.reinstated  # put back by the attach already
     assert first.charged == second.charged == actual.amount
     ledger = await events(r, "key_a")
     assert [(e["event"], e.get("reason")) for e in ledger] == [
@@ -355,6 +356,7 @@ async def test_a_sync_job_whose_hold_was_abandoned_is_billed_by_its_settle(
         5_000,
         False,
     )
+    assert settlement.reinstated
     ledger = await events(r, "key_a")
     assert [e["event"] for e in ledger] == ["hold", "release", "hold", "settle"]
     usage = await stalled.usage("key_a")
@@ -373,7 +375,7 @@ async def test_a_detached_job_whose_hold_was_abandoned_is_settled_by_the_resolve
     stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
     fal_id = await fal.image(1000, 1000)
     (handed,) = await run_together(r, stalled.detached_call(admission, fal_id))
-    assert handed == 1
+    assert handed == 2  # handed over after putting it back
     assert (await sweeper.sweep_once()).settled == ["req_1"]
     ledger = await events(r, "key_a")
     assert [e["event"] for e in ledger] == ["hold", "release", "hold", "settle"]
@@ -389,7 +391,7 @@ async def test_a_job_given_up_after_its_hold_was_abandoned_is_resolved_from_fal(
     stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
     fal_id = await fal.image(1000, 1000)
     (handed,) = await run_together(r, stalled.unresolved_call(admission, fal_id))
-    assert handed == 1
+    assert stalled.handed_over(handed, admission, fal_id) and handed == 2
     assert (await sweeper.sweep_once()).settled == ["req_1"]
     assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.015000"
 
