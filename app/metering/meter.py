@@ -101,7 +101,9 @@ class Settlement:
     """How a hold was resolved.
 
     ``already_resolved`` is true when something else (the resolver, an earlier retry) resolved
-    the hold first; ``charged``/``released`` then report what was recorded at that time.
+    the hold first; ``charged``/``released`` then report what was recorded at that time. It is
+    also true (with nothing resolved) when the resolver's release of a hold as abandoned found
+    that fal's id had been recorded on it meanwhile: the hold is kept, for fal's answer.
     """
 
     charged: int
@@ -519,7 +521,7 @@ class Meter:
         if isinstance(reply, Exception):
             with store_errors():
                 raise reply
-        if text(reply[0]) == "missing":
+        if text(reply[0]) in ("missing", "kept"):
             return Settlement(0, 0, _remaining(reply[1]), already_resolved=True)
         return Settlement(
             charged=_int(reply[1]),

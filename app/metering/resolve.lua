@@ -19,6 +19,8 @@
 --    reinstated (1 = the settle put an abandoned hold back first, else 0)}
 --   {'missing', remaining}  no such hold was ever admitted; a release leaves a tombstone so
 --                           that an admission still on its way for this id is refused
+--   {'kept', remaining}     a release as 'abandoned' of a hold that has fal's id by now: not
+--                           done (the resolver's view was stale)
 
 local meta_key, inflight_key, budget_key, holds_key, ledger_key, leases_key, record_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -67,6 +69,11 @@ if not raw then
 end
 
 local hold = cjson.decode(raw)
+if mode == 'release' and ARGV[7] == 'abandoned' and (hold.upstream or '') ~= '' then
+  -- fal's id was recorded after the resolver claimed the hold: fal has the job, so it is not
+  -- abandoned. Kept; the resolver asks fal about it once its claim runs out.
+  return {'kept', remaining_budget()}
+end
 if ARGV[13] and ARGV[13] ~= '' then
   hold.upstream = ARGV[13]
 end

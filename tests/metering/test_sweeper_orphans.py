@@ -23,6 +23,7 @@ from app.catalog import price_images
 from app.errors import BudgetExceeded
 from app.metering import Meter
 from app.metering.lua import run_together
+from app.metering.meter import ABANDONED
 from app.metering.sweeper import Sweeper
 from app.money import format_usd
 from app.sandbox import SandboxControl, embedded_sandbox
@@ -428,3 +429,22 @@ async def test_only_a_hold_the_resolver_abandoned_is_put_back(
     assert handed == 0
     assert [e["event"] for e in await events(r, "key_a")] == ["hold", "release"]
     assert (await meter.usage("key_a"))["spent_usd"] == "0.000000"
+
+
+async def test_a_hold_given_fal_id_after_the_resolver_looked_is_not_released(
+    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+) -> None:
+    """The resolver read the hold without fal's id and decided to release it; fal's id was
+    recorded in between: the release is refused and the next sweep asks fal."""
+    await make_key("key_a", budget_micro=100_000)
+    live = Meter(r, settings, "proc_live")
+    admission = await hold(live, "key_a", "req_1", 20_000, price)
+    fal_id = await fal.image(1000, 1000)
+    assert await live.attach_upstream(admission, fal_id)
+    stale = await sweeper.meter.resolve_hold("key_a", "req_1", settle=False, reason=ABANDONED)
+    assert (stale.already_resolved, stale.charged) == (True, 0)
+    assert await r.hexists("{k:key_a}:holds", "req_1")
+    await r.zadd("{k:key_a}:leases", {"req_1": 0})
+    assert (await sweeper.sweep_once()).settled == ["req_1"]
+    assert [e["event"] for e in await events(r, "key_a")] == ["hold", "settle"]
+    assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.015000"
