@@ -99,6 +99,18 @@ def render(result: dict[str, Any]) -> str:
     ]
     if redis_cpu:
         lines += ["Redis server CPU per request: " + "; ".join(redis_cpu) + ".", ""]
+    lowest = min(result["summary"], key=int, default=None)
+    wakeups = [
+        f"{target} {row['wakeups_per_request']:.2f}"
+        for target, row in (result["summary"].get(lowest) or {}).items()
+        if row.get("wakeups_per_request") is not None
+    ]
+    if wakeups:
+        lines += [
+            "Times a target's process slept waiting and was woken, per request at concurrency "
+            f"{lowest} (voluntary context switches): " + "; ".join(wakeups) + ".",
+            "",
+        ]
     redis = result.get("redis") or {}
     if redis:
         lines += [

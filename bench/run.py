@@ -211,6 +211,9 @@ def summarise(measurements: list[dict[str, Any]], profile: Profile) -> dict[str,
                 "p50_ms": _median([m["p50_ms"] for m in mine]),
                 "p99_ms": _median([m["p99_ms"] for m in mine]),
                 "cpu_ms_per_request": _median([m["cpu_ms_per_request"] for m in mine]),
+                "wakeups_per_request": _median(
+                    [m["wakeups_per_request"] for m in mine if "wakeups_per_request" in m]
+                ),
                 "redis_cpu_ms_per_request": _median(
                     [m["redis_cpu_ms_per_request"] for m in mine if m["redis_cpu_ms_per_request"]]
                 ),
@@ -295,6 +298,7 @@ def measure(
 ) -> dict[str, Any]:
     """One timed load run, with the CPU time the target's process (and Redis) spent on it."""
     cpu_before = stack.tree_cpu_seconds(target.pid)
+    wakeups_before = stack.tree_wakeups(target.pid)
     redis_before = stack.cpu_seconds(target.redis_pid) if target.redis_pid else 0.0
     upstream_before = stack.tree_cpu_seconds(target.upstream_pid) if target.upstream_pid else 0.0
     load = traffic.add(
@@ -305,6 +309,7 @@ def measure(
     )
     served = max(1, load.requests)
     cpu = stack.tree_cpu_seconds(target.pid) - cpu_before
+    wakeups = stack.tree_wakeups(target.pid) - wakeups_before
     redis_cpu = stack.cpu_seconds(target.redis_pid) - redis_before if target.redis_pid else None
     upstream_cpu = (
         stack.tree_cpu_seconds(target.upstream_pid) - upstream_before
@@ -313,6 +318,7 @@ def measure(
     )
     row = {"target": target.name, **load.to_json()}
     row["cpu_ms_per_request"] = round(cpu * 1000 / served, 3)
+    row["wakeups_per_request"] = round(wakeups / served, 2)
     for name, seconds in (("redis", redis_cpu), ("upstream", upstream_cpu)):
         per_request = None if seconds is None else round(seconds * 1000 / served, 3)
         row[f"{name}_cpu_ms_per_request"] = per_request

@@ -336,17 +336,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _tree(pid: int) -> list[int]:
+    """A process and its live descendants (the workers of ``--workers N``)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and of its live descendants (the workers of ``--workers N``)."""
     total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
+    for current in _tree(pid):
         with contextlib.suppress(OSError, ValueError, IndexError):
             total += cpu_seconds(current)
+    return total
+
+
+def tree_wakeups(pid: int) -> int:
+    """How often a process and its descendants went to sleep waiting and were woken again:
+    the voluntary context switches of all their threads (``/proc/<pid>/task/*/status``)."""
+    total = 0
+    for current in _tree(pid):
+        with contextlib.suppress(OSError, ValueError):
             for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(child) for child in children)
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
     return total
 
 
