@@ -102,12 +102,18 @@ def _die_with_parent() -> None:
 
 
 def _spawn(
-    name: str, args: list[str], workdir: Path, env: dict[str, str] | None = None
+    name: str,
+    args: list[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    root: Path = ROOT,
 ) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start ``args`` in ``root`` (whose ``app`` package ``python -m app.cli`` then runs)."""
     log = workdir / f"{name}.log"
     proc = subprocess.Popen(
         args,
-        cwd=ROOT,
+        cwd=root,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -267,10 +273,11 @@ def start_gateway(
     workers: int = 1,
     variant: str = "",
     extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Gateway:
     """``falgate serve`` in ``mode`` (``sync``/``queue``) with its own Redis, plus one key;
     ``workers`` > 1 runs that many server processes (``FALGATE_WORKERS``); ``variant`` names a
-    gateway run with ``extra_env`` settings."""
+    gateway run with ``extra_env`` settings; ``root`` is the checkout whose code it runs."""
     name = f"gateway-{mode}" if workers == 1 else f"gateway-{mode}-{workers}w"
     name += f"-{variant}" if variant else ""
     data_dir = workdir / name
@@ -297,7 +304,7 @@ def start_gateway(
     for variable in ("FAL_KEY", "FALGATE_FAL_KEY"):
         env.pop(variable, None)
     try:
-        proc, log = _spawn(name, [*falgate_command(), "serve"], data_dir, env)
+        proc, log = _spawn(name, [*falgate_command(), "serve"], data_dir, env, root=root)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", proc, log)
         deadline = time.monotonic() + 60

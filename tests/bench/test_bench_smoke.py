@@ -147,3 +147,44 @@ def test_the_upstream_client_benchmark_measures_every_way() -> None:
     ]
     assert all(float(row[1]) > 0 for row in rows)
     assert rows[-1][2].strip() == "+0"  # the floor, against itself
+
+
+def test_the_ab_comparison_runs_two_checkouts(tmp_path: Path) -> None:
+    """``bench/ab.py`` against a git revision (checked out as a worktree) of this checkout."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ab.py"),
+            "--base",
+            "HEAD",
+            "--concurrency",
+            "2",
+            "--runs",
+            "2",
+            "--duration",
+            "0.5",
+            "--loadgen",
+            "python",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "sync" and Path(result["base"]) != ROOT
+    row = result["by_c"]["2"]
+    for metric in ("cpu_ms_per_request", "rps"):
+        assert row[metric]["base"] > 0 and row[metric]["head"] > 0, row
+        assert len(row[metric]["base_runs"]) == len(row[metric]["head_runs"]) == 2
+        assert row[metric]["head_vs_base"] > 0
+    assert "sync c=2: CPU ms/req base" in proc.stdout
+    # The temporary worktree is gone again.
+    worktrees = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True, check=True
+    )
+    assert result["base"] not in worktrees.stdout
