@@ -368,32 +368,30 @@ async def test_a_sync_job_whose_hold_was_abandoned_is_billed_by_its_settle(
     )
 
 
-async def test_a_detached_job_whose_hold_was_abandoned_is_settled_by_the_resolver(
-    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
+@pytest.mark.parametrize("handoff", ["detached", "unresolved"])
+async def test_a_job_handed_over_after_its_hold_was_abandoned_is_settled_by_the_resolver(
+    handoff: str,
+    r: Any,
+    settings: Settings,
+    sweeper: Sweeper,
+    make_key: Any,
+    price: Any,
+    fal: SandboxFal,
 ) -> None:
-    """fal's queue API: the hand-off to the resolver puts the hold back, with fal's id."""
+    """fal's queue API hands the job to the resolver at once (``detached``); the request path
+    hands over a job it gave up on (``unresolved``). Either hand-off puts the hold back, with
+    fal's id, and the resolver settles it from fal's answer."""
     await make_key("key_a", budget_micro=100_000)
     stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
     fal_id = await fal.image(1000, 1000)
-    (handed,) = await run_together(r, stalled.detached_call(admission, fal_id))
+    call = stalled.detached_call if handoff == "detached" else stalled.unresolved_call
+    (handed,) = await run_together(r, call(admission, fal_id))
     assert handed == 2  # handed over after putting it back
+    assert stalled.handed_over(handed, admission, fal_id)
     assert (await sweeper.sweep_once()).settled == ["req_1"]
     ledger = await events(r, "key_a")
     assert [e["event"] for e in ledger] == ["hold", "release", "hold", "settle"]
     assert ledger[-1]["upstream_request_id"] == fal_id
-    assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.015000"
-
-
-async def test_a_job_given_up_after_its_hold_was_abandoned_is_resolved_from_fal(
-    r: Any, settings: Settings, sweeper: Sweeper, make_key: Any, price: Any, fal: SandboxFal
-) -> None:
-    """The request path gave up on the job (marked unresolved): the resolver asks fal."""
-    await make_key("key_a", budget_micro=100_000)
-    stalled, admission = await abandoned(r, settings, sweeper, price, "req_1", 20_000)
-    fal_id = await fal.image(1000, 1000)
-    (handed,) = await run_together(r, stalled.unresolved_call(admission, fal_id))
-    assert stalled.handed_over(handed, admission, fal_id) and handed == 2
-    assert (await sweeper.sweep_once()).settled == ["req_1"]
     assert (await sweeper.meter.usage("key_a"))["spent_usd"] == "0.015000"
 
 
