@@ -30,7 +30,7 @@ from app.keys.service import ApiKey
 from app.metering.deferred import DeferredWrites
 from app.metering.leases import LeaseKeeper
 from app.metering.lua import ScriptCall, run_together
-from app.metering.meter import Admission, AdmitRequest, Meter, Settlement, reinstated
+from app.metering.meter import Admission, AdmitRequest, Meter, Settlement, note_reinstated
 from app.metering.sweeper import Sweeper
 from app.ops.metrics import record_settled
 from app.ops.shutdown import InflightTracker
@@ -397,7 +397,7 @@ async def _settle_and_free(
             replies = await run_together(meter.scripts, *calls)
             settlement = meter.settlement_from(replies[-1])
             if settlement.reinstated:
-                reinstated(admission.request_id, upstream)
+                note_reinstated(admission.request_id, upstream)
             return settlement
         except Unavailable as exc:
             if time.monotonic() + delay > deadline:

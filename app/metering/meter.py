@@ -55,7 +55,7 @@ ABANDONED = "abandoned"
 log = logging.getLogger("falgate.metering")
 
 
-def reinstated(request_id: str, fal_request_id: str | None) -> None:
+def note_reinstated(request_id: str, fal_request_id: str | None) -> None:
     """Say that a hold released as abandoned was put back (``reinstate.lua``): its process was
     stalled or cut off from Redis for longer than a lease, and the key may be over budget."""
     log.warning(
@@ -357,7 +357,7 @@ class Meter:
             with store_errors():  # a transient error reply is a 503, any other a bug
                 raise done
         if _int(done) == 2:
-            reinstated(request_id, fal_request_id)
+            note_reinstated(request_id, fal_request_id)
         return bool(_int(done))
 
     def handed_over(self, reply: Any, admission: Admission, fal_request_id: str | None) -> bool:
@@ -367,7 +367,7 @@ class Meter:
             with store_errors():
                 raise reply
         if _int(reply) == 2:
-            reinstated(admission.request_id, fal_request_id)
+            note_reinstated(admission.request_id, fal_request_id)
         return bool(_int(reply))
 
     def unresolved_call(self, admission: Admission, fal_request_id: str | None) -> ScriptCall:
