@@ -278,12 +278,15 @@ def test_a_job_fal_did_after_the_resolver_gave_its_request_up_is_billed(
     client gets its images, and the key pays exactly what fal produced."""
     gateway = faulty if mode == "queue" else faulty_sync
     key_id, key = gateway.create_key(name="stalled", budget_usd="10")
-    clean_sandbox.configure(
-        # Within the gateway's 3 s deadline: queue mode's submit waits 0.8 s at fal (the
-        # release lands before fal accepts), sync mode's release lands while fal generates.
-        latency_ms=800,
-        faults=[{"kind": "delay", "scope": "submit", "delay_ms": 800, "count": 1}],
-    )
+    # Within the gateway's 3 s deadline: in queue mode the release lands while fal is slow
+    # to accept the submit, in sync mode while fal generates.
+    if mode == "queue":
+        clean_sandbox.configure(
+            latency_ms=300,
+            faults=[{"kind": "delay", "scope": "submit", "delay_ms": 1200, "count": 1}],
+        )
+    else:
+        clean_sandbox.configure(latency_ms=1200)
     store = redis.Redis.from_url(redis_url, decode_responses=True)
     answers: list[httpx.Response] = []
     reinstated = gateway.metric("falgate_holds_reinstated_total")
