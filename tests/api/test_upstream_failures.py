@@ -20,7 +20,7 @@ from app.metering import keyspace
 from app.metering.meter import Meter
 from app.metering.sweeper import Sweeper
 from app.settings import Settings
-from app.upstream.types import UpstreamOutcome
+from app.upstream.client import FalClient
 from tests.conftest import Gateway, GatewayFactory, Sandbox
 from tests.money import micro, produced_cost, quiet_usage
 
@@ -231,19 +231,18 @@ def _held_while(caller: threading.Thread, store: redis.Redis, key_id: str) -> st
     return held[0]
 
 
-class _NoFal:
-    async def outcome(self, endpoint: str, request_id: str) -> UpstreamOutcome:
-        raise AssertionError("a hold without fal's id is released without asking fal")
-
-
-def _abandon(redis_url: str, key_id: str, request_id: str) -> None:
+def _abandon(redis_url: str, sandbox_url: str, key_id: str, request_id: str) -> None:
     """The resolver's own release of a hold whose lease ran out (as when its process was cut
-    off from Redis for a lease or more): the lease is made due, one resolver sweeps it."""
+    off from Redis for a lease or more): the lease is made due, one resolver (the real one,
+    with the real fal client on the sandbox) sweeps it."""
 
     async def sweep() -> list[str]:
         client = aioredis.Redis.from_url(redis_url)
+        settings = Settings(fal_run_url=sandbox_url, fal_queue_url=f"{sandbox_url}/queue")
+        fal = FalClient(settings)
+        await fal.start()
         try:
-            resolver = Sweeper(client, Settings(), "proc_test_resolver", _NoFal())
+            resolver = Sweeper(client, settings, "proc_test_resolver", fal)
             for _ in range(100):  # the live request may renew the lease in between: again
                 await client.zadd(keyspace.leases(key_id), {request_id: 0})
                 if released := (await resolver.resolve_one(key_id, request_id)).released:
@@ -251,6 +250,7 @@ def _abandon(redis_url: str, key_id: str, request_id: str) -> None:
                 await asyncio.sleep(0.01)
             return []
         finally:
+            await fal.aclose()
             await client.aclose()
 
     assert asyncio.run(sweep()) == [request_id]
@@ -297,7 +297,7 @@ def test_a_job_fal_did_after_the_resolver_gave_its_request_up_is_billed(
 
     caller = threading.Thread(target=call)
     request_id = _held_while(caller, store, key_id)
-    _abandon(redis_url, key_id, request_id)
+    _abandon(redis_url, clean_sandbox.url, key_id, request_id)
     assert not store.hexists(keyspace.holds(key_id), request_id)
     caller.join(timeout=30)
     [response] = answers
