@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import redis  # noqa: E402
+from redis.typing import EncodableT, FieldT  # noqa: E402
 
 from app.redis import EmbeddedRedis, free_port  # noqa: E402
 from bench import loadgen, stack  # noqa: E402
@@ -70,19 +71,18 @@ def seed(store: EmbeddedRedis, entries: int, keys: int, days: int) -> int:
                 model = MODELS[i % len(MODELS)]
                 pixels = 786_432 * (1 + i % 3)
                 amount = -(-pixels * 15_000 // 1_000_000)
-                base = {
+                base: dict[FieldT, EncodableT] = {
                     "key_id": key_id, "request_id": f"req_{k:05d}{i:027d}",
                     "upstream_request_id": f"fal-{i}", "model": model,
                     "operation": "upscale" if model == "topaz" else "generate",
                     "pixels": str(pixels), "process_id": "proc_seed",
                 }  # fmt: skip
-                pipe.xadd(
-                    f"{{k:{key_id}}}:ledger",
-                    {**base, "event": "hold", "amount_micro": str(amount), "ts_ms": str(ms)},
-                    id=f"{ms}-0",
-                )
+                hold: dict[FieldT, EncodableT] = {
+                    **base, "event": "hold", "amount_micro": str(amount), "ts_ms": str(ms)
+                }  # fmt: skip
+                pipe.xadd(f"{{k:{key_id}}}:ledger", hold, id=f"{ms}-0")
                 settled = i % 10 != 9
-                resolve = {
+                resolve: dict[FieldT, EncodableT] = {
                     **base,
                     "event": "settle" if settled else "release",
                     "amount_micro": str(amount),
@@ -104,7 +104,7 @@ def seed(store: EmbeddedRedis, entries: int, keys: int, days: int) -> int:
 def redis_memory(store: EmbeddedRedis) -> int:
     client = redis.Redis.from_url(store.url)
     try:
-        return int(client.info("memory")["used_memory"])  # type: ignore[index]
+        return int(client.info("memory")["used_memory"])
     finally:
         client.close()
 
@@ -112,7 +112,8 @@ def redis_memory(store: EmbeddedRedis) -> int:
 def redis_entries(store: EmbeddedRedis) -> int:
     client = redis.Redis.from_url(store.url, decode_responses=True)
     try:
-        return sum(int(client.xlen(f"{{k:{k}}}:ledger")) for k in client.smembers("falgate:keys"))  # type: ignore[union-attr]
+        keys: set[str] = client.smembers("falgate:keys")  # type: ignore[assignment]  # sync client
+        return sum(int(client.xlen(f"{{k:{key}}}:ledger")) for key in keys)
     finally:
         client.close()
 

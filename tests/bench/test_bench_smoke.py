@@ -165,6 +165,25 @@ def test_the_ab_comparison_runs_two_checkouts(tmp_path: Path) -> None:
     assert result["base"] not in worktrees.stdout
 
 
+def test_the_ledger_benchmark_accounts_for_every_seeded_entry(tmp_path: Path) -> None:
+    """``bench/ledger.py --smoke`` (the README's "ledger at scale"): every entry it seeds is
+    archived by the drain, and the full export after the drain returns each one exactly once,
+    from the archive and the Redis window together."""
+    out = tmp_path / "ledger.json"
+    proc = _bench(
+        "ledger.py", "--smoke", "--out", str(out), "--workdir", str(tmp_path / "work"),
+        timeout_s=240,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["seeded"] == result["entries"] > 0
+    assert result["drain"]["archived"] == result["seeded"]
+    assert result["redis_entries_after"] == result["seeded"] - result["drain"]["trimmed"] > 0
+    assert result["export"]["entries"] == result["seeded"]
+    assert all(ms > 0 for ms in result["usage_ms"].values()), result["usage_ms"]
+    assert len(result["p99_ms_alone"]) == len(result["p99_ms_with_report_and_export"]) >= 1
+    assert "| full export (/admin/ledger, JSON lines) |" in proc.stdout
+
+
 def test_wakeups_count_every_sleep_of_a_process_and_its_children() -> None:
     """``stack.tree_wakeups``: a process that sleeps 30 times, with a live child that sleeps 30
     times, has been woken at least 60 times (each sleep is a voluntary context switch)."""
