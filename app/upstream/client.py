@@ -455,7 +455,9 @@ class FalClient:
             return False
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             return False
-        last = _last_event(response.text)
+        # Server-sent events are UTF-8 by definition: decoded as such, not through httpx's
+        # ``.text``, which looks for a charset in the content type on every call.
+        last = _last_event(response.content.decode("utf-8", "replace"))
         return last is not None and last.get("status") == "COMPLETED"
 
     async def _poll_until_done(self, base: str) -> None:
