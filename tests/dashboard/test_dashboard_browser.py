@@ -10,11 +10,15 @@ import csv
 import io
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -24,6 +28,25 @@ from tests.dashboard.conftest import Browser, Traffic, admin_get
 
 def _wait(browser: Browser) -> WebDriverWait:  # type: ignore[type-arg]
     return WebDriverWait(browser.driver, 15)
+
+
+def _replaced(old: WebElement) -> Callable[[WebDriver], bool]:
+    """Whether the page holding ``old`` has been replaced by the next one. Selenium's
+    ``staleness_of`` only knows the stale-element error; mid-navigation, chromedriver may
+    instead answer that the node "does not belong to the document": the same fact."""
+
+    def gone(_driver: WebDriver) -> bool:
+        try:
+            old.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc.msg):
+                return True
+            raise
+        return False
+
+    return gone
 
 
 def _text(browser: Browser, css: str) -> str:
@@ -46,7 +69,7 @@ def _submit(browser: Browser, form_id: str, fields: dict[str, str]) -> None:
         field.send_keys(value)
     old = browser.driver.find_element(By.TAG_NAME, "html")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    _wait(browser).until(ec.staleness_of(old))
+    _wait(browser).until(_replaced(old))
 
 
 def _post_form(browser: Browser, action: str, fields: dict[str, str]) -> None:
@@ -69,7 +92,7 @@ def _post_form(browser: Browser, action: str, fields: dict[str, str]) -> None:
         action,
         fields,
     )
-    _wait(browser).until(ec.staleness_of(old))
+    _wait(browser).until(_replaced(old))
 
 
 def _envelope(browser: Browser) -> dict[str, object]:
